@@ -1,0 +1,4 @@
+//! The mesh node agent as a library: the binary and the integration tests
+//! drive the same code.
+
+pub mod datapath;

@@ -1,0 +1,169 @@
+//! Test harness: network namespaces, veth pairs and traffic helpers that
+//! always clean up after themselves, also when a test fails.
+//!
+//! Every namespace is named `mesh-t-<pid>-<n>`, so `cargo xtask test` can
+//! remove those left behind by a test process that was killed.
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use nix::sched::{CloneFlags, setns};
+
+/// Prefix of every namespace the harness creates.
+pub const NETNS_PREFIX: &str = "mesh-t-";
+
+/// Fails the test unless it runs as root: privileged tests never skip silently.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test loads eBPF programs and creates network namespaces: run it as root \
+         (cargo xtask test does)"
+    );
+}
+
+/// Runs a command and fails with its output if it does not succeed.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("spawning {program}"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {} failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace, deleted (with every interface in it) on drop.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    pub fn new() -> Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{NETNS_PREFIX}{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace, so sockets,
+    /// interface lookups and attachments made by `f` happen inside it.
+    pub fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        let path = format!("/run/netns/{}", self.name);
+        let ns = File::open(&path).with_context(|| format!("opening {path}"))?;
+        thread::scope(|scope| {
+            scope
+                .spawn(|| -> Result<R> {
+                    setns(&ns, CloneFlags::CLONE_NEWNET)
+                        .with_context(|| format!("entering namespace {}", self.name))?;
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(err) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!("cleanup: {err:#}");
+        }
+    }
+}
+
+/// One end of a veth pair: its namespace, name and address.
+pub struct VethEnd<'a> {
+    pub ns: &'a NetNs,
+    pub name: &'a str,
+    pub addr: Ipv4Addr,
+}
+
+/// Joins two namespaces with a veth pair on a /24 and brings both ends up.
+/// The pair disappears with its namespaces.
+pub fn veth_pair(a: &VethEnd, b: &VethEnd) -> Result<()> {
+    a.ns.ip(&[
+        "link",
+        "add",
+        a.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b.name,
+        "netns",
+        b.ns.name(),
+    ])?;
+    for end in [a, b] {
+        end.ns
+            .ip(&["addr", "add", &format!("{}/24", end.addr), "dev", end.name])?;
+        end.ns.ip(&["link", "set", end.name, "up"])?;
+    }
+    Ok(())
+}
+
+/// Sends `count` UDP datagrams from `from` (in namespace `from_ns`) to
+/// `to:port` (in `to_ns`) and returns how many arrived. Waits at most
+/// `patience` after the last send for stragglers.
+pub fn udp_delivered(
+    from_ns: &NetNs,
+    from: Ipv4Addr,
+    to_ns: &NetNs,
+    to: SocketAddr,
+    count: usize,
+    patience: Duration,
+) -> Result<usize> {
+    let receiver = to_ns.enter(|| UdpSocket::bind(to))??;
+    receiver.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let sent = from_ns.enter(|| -> Result<()> {
+        let sender = UdpSocket::bind((from, 0))?;
+        for i in 0..count {
+            sender.send_to(&(i as u32).to_be_bytes(), to)?;
+        }
+        Ok(())
+    })?;
+    sent?;
+    let deadline = Instant::now() + patience;
+    let mut received = 0;
+    let mut buf = [0u8; 64];
+    while received < count && Instant::now() < deadline {
+        match receiver.recv(&mut buf) {
+            Ok(_) => received += 1,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(err) => bail!("receiving: {err}"),
+        }
+    }
+    Ok(received)
+}
