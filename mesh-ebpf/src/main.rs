@@ -1,50 +1,39 @@
 #![no_std]
 #![no_main]
 
+mod frame;
+mod maps;
+mod parse;
+mod verdict;
+
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
-    maps::HashMap,
-    programs::XdpContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
-use mesh_common::{DENY_SOURCES_V4_CAPACITY, DenyEntry};
-
-const ETH_HDR_LEN: usize = 14;
-const ETH_P_IPV4: u16 = 0x0800;
-const IPV4_SRC_OFFSET: usize = 12;
-
-#[map]
-static DENY_SOURCES_V4: HashMap<u32, DenyEntry> =
-    HashMap::with_max_entries(DENY_SOURCES_V4_CAPACITY, 0);
 
 #[xdp]
 pub fn mesh_xdp(ctx: XdpContext) -> u32 {
-    match ipv4_source(&ctx) {
-        // SAFETY: the value is only tested for presence, never read.
-        Some(src) if unsafe { DENY_SOURCES_V4.get(&src) }.is_some() => xdp_action::XDP_DROP,
-        _ => xdp_action::XDP_PASS,
+    if verdict::run(&ctx, true) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
     }
 }
 
-/// The IPv4 source address of an untagged Ethernet frame, in network byte order.
-#[inline(always)]
-fn ipv4_source(ctx: &XdpContext) -> Option<u32> {
-    let ethertype: u16 = u16::from_be(read(ctx, 12)?);
-    if ethertype != ETH_P_IPV4 {
-        return None;
-    }
-    read(ctx, ETH_HDR_LEN + IPV4_SRC_OFFSET)
+#[classifier]
+pub fn mesh_tc(ctx: TcContext) -> i32 {
+    tc_action(verdict::run(&ctx, true))
 }
 
-/// A bounds-checked read of a `T` at `offset` into the packet.
+#[classifier]
+pub fn mesh_tc_l3(ctx: TcContext) -> i32 {
+    tc_action(verdict::run(&ctx, false))
+}
+
 #[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
-    let start = ctx.data() + offset;
-    if start + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    // SAFETY: bounds checked against data_end just above.
-    Some(unsafe { core::ptr::read_unaligned(start as *const T) })
+fn tc_action(allow: bool) -> i32 {
+    (if allow { TC_ACT_OK } else { TC_ACT_SHOT }) as i32
 }
 
 #[cfg(not(test))]

@@ -14,6 +14,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use mesh_agent::datapath::{GrantLimits, PolicyEntries, PortBlock, Prefix};
+use mesh_common::proto;
 use nix::sched::{CloneFlags, setns};
 
 /// Prefix of every namespace the harness creates.
@@ -166,4 +168,23 @@ pub fn udp_delivered(
         }
     }
     Ok(received)
+}
+
+/// Compiled entries for the smallest policy: identity 7 at `client`, service
+/// 1 at `service` (one UDP port), and, if `granted`, a grant between them.
+pub fn one_udp_grant(client: Ipv4Addr, service: SocketAddr, granted: bool) -> PolicyEntries {
+    PolicyEntries {
+        identities: vec![(Prefix::host(client.into()), 7)],
+        destinations: vec![(Prefix::host(service.ip()), 1)],
+        service_ports: PortBlock::cover(proto::UDP, service.port(), service.port())
+            .into_iter()
+            .map(|block| (1, block, 1, 0))
+            .collect(),
+        grants: if granted {
+            vec![((7, 1, 0), vec![0])]
+        } else {
+            vec![]
+        },
+        grant_limits: vec![GrantLimits::default()],
+    }
 }

@@ -1,23 +1,25 @@
-//! The first vertical slice: the XDP program from mesh-ebpf, loaded by
-//! mesh-agent's datapath, drops packets from a source placed in its map, and
-//! traffic flows again once it is detached.
+//! The programs from mesh-ebpf, loaded by mesh-agent's datapath and attached
+//! to a veth in a network namespace, enforce a policy on real traffic: a
+//! granted flow passes, it stops when a new policy drops the grant, and
+//! traffic flows again once the program is detached.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
 use aya::programs::XdpMode;
-use mesh_agent::datapath::Datapath;
-use mesh_tests::{NetNs, VethEnd, require_root, udp_delivered, veth_pair};
+use mesh_agent::datapath::{Clock, Datapath};
+use mesh_tests::{NetNs, VethEnd, one_udp_grant, require_root, udp_delivered, veth_pair};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const PORT: u16 = 7000;
 const PACKETS: usize = 20;
 const PATIENCE: Duration = Duration::from_secs(2);
 
 #[test]
-fn xdp_drops_denied_source_until_detached() -> anyhow::Result<()> {
+fn xdp_enforces_policy_until_detached() -> anyhow::Result<()> {
     require_root();
     let client = NetNs::new()?;
     let server = NetNs::new()?;
@@ -33,20 +35,21 @@ fn xdp_drops_denied_source_until_detached() -> anyhow::Result<()> {
             addr: SERVER,
         },
     )?;
-    let target = SocketAddr::from((SERVER, 7000));
+    let target = SocketAddr::from((SERVER, PORT));
     let delivered = || udp_delivered(&client, CLIENT, &server, target, PACKETS, PATIENCE);
 
     assert_eq!(delivered()?, PACKETS, "baseline: no program attached");
 
     let mut datapath = Datapath::load()?;
+    datapath.install(&one_udp_grant(CLIENT, target, true), &Clock::now()?)?;
     let link = server.enter(|| datapath.attach_xdp("veth-s", XdpMode::default()))??;
-    assert_eq!(delivered()?, PACKETS, "attached, nothing denied yet");
+    assert_eq!(delivered()?, PACKETS, "attached, flow granted");
 
-    datapath.deny_source(CLIENT)?;
+    datapath.install(&one_udp_grant(CLIENT, target, false), &Clock::now()?)?;
     assert_eq!(
         delivered()?,
         0,
-        "attached, client denied: every packet dropped"
+        "grant removed: the live flow ends, every packet dropped"
     );
 
     datapath.detach_xdp(link)?;

@@ -9,8 +9,8 @@ use std::{
 
 use anyhow::ensure;
 use aya::programs::XdpMode;
-use mesh_agent::datapath::Datapath;
-use mesh_tests::{NetNs, VethEnd, udp_delivered, veth_pair};
+use mesh_agent::datapath::{Clock, Datapath};
+use mesh_tests::{NetNs, VethEnd, one_udp_grant, udp_delivered, veth_pair};
 
 const AGENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const SERVICE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
@@ -53,10 +53,14 @@ fn main() -> anyhow::Result<()> {
     };
 
     let mut datapath = Datapath::load()?;
+    datapath.install(&one_udp_grant(AGENT, target, true), &Clock::now()?)?;
     let link = service.enter(|| datapath.attach_xdp("svc0", XdpMode::default()))??;
-    show("XDP program attached to the service's interface", DATAGRAMS)?;
-    datapath.deny_source(AGENT)?;
-    show("agent's address in the kernel deny map", 0)?;
+    show(
+        "XDP attached, agent granted UDP 8443 on the service",
+        DATAGRAMS,
+    )?;
+    datapath.install(&one_udp_grant(AGENT, target, false), &Clock::now()?)?;
+    show("policy changed live: grant removed", 0)?;
     datapath.detach_xdp(link)?;
     show("program detached", DATAGRAMS)?;
     println!("demo passed: every behaviour shown above happened");
