@@ -8,4 +8,3 @@
 pub mod datapath;
 
 pub use datapath::*;
-
