@@ -4,7 +4,7 @@
 //! traffic flows again once the program is detached.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
