@@ -2,3 +2,4 @@
 //! drive the same code.
 
 pub mod datapath;
+pub mod policy;
