@@ -124,11 +124,18 @@ fn flow_or_new(packet: &Packet, state: u64, now: u64, outcome: &mut Outcome) {
 /// path through `live_flow`.
 #[inline(never)]
 fn new_flow(packet: &Packet, key: &FlowKey, state: u64, now: u64, outcome: &mut Outcome) {
+    let service_proto = service_proto(packet);
     let tuple = Direction {
         src: &packet.src,
         dst: &packet.dst,
-        service_proto: service_proto(packet),
-        dport: packet.dport,
+        service_proto,
+        // An echo request's identifier plays the port of its flow, but
+        // services offer `icmp` as port 0.
+        dport: if service_proto == proto::ICMP_ECHO {
+            0
+        } else {
+            packet.dport
+        },
     };
     let generation = config::generation(state);
     let (identity, service, slot) = classify(generation, &tuple);

@@ -4,6 +4,8 @@
 //! Every namespace is named `mesh-t-<pid>-<n>`, so `cargo xtask test` can
 //! remove those left behind by a test process that was killed.
 
+pub mod packet;
+
 use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
