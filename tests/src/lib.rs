@@ -78,6 +78,23 @@ impl NetNs {
         run("ip", &all)
     }
 
+    /// Runs a command inside the namespace; `Ok(true)` if it exits 0.
+    pub fn exec_succeeds(&self, program: &str, args: &[&str]) -> Result<bool> {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output()
+            .with_context(|| format!("spawning {program} in {}", self.name))?
+            .status;
+        Ok(status.success())
+    }
+
+    /// Lets the namespace route between its interfaces.
+    pub fn enable_forwarding(&self) -> Result<()> {
+        self.enter(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
+            .context("enabling IPv4 forwarding")
+    }
+
     /// Runs `f` on a thread that has entered the namespace, so sockets,
     /// interface lookups and attachments made by `f` happen inside it.
     pub fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {

@@ -469,3 +469,34 @@ fn flows_time_out() {
         );
     });
 }
+
+#[test]
+fn revocation_ends_new_and_live_flows() {
+    on_both_entries(|h| {
+        let open = syn("10.0.0.1", 8000, "10.0.0.100", 443);
+        h.expect(&open, 0, Reason::Grant, Some((AGENT, API)));
+        h.expect(&open.reply(), 1, Reason::Flow, Some((AGENT, API)));
+        h.datapath.revoke(AGENT).unwrap();
+        h.expect(&open.reply(), 2, Reason::UnknownDestination, None);
+        h.expect(
+            &Packet::tcp(ip("10.0.0.1"), 8000, ip("10.0.0.100"), 443, TCP_ACK),
+            3,
+            Reason::Revoked,
+            Some((AGENT, API)),
+        );
+        // Revoked beats every grant, `*` included.
+        h.expect(
+            &syn("10.0.0.1", 8001, "10.0.0.202", 82),
+            4,
+            Reason::Revoked,
+            Some((AGENT, PUBLIC)),
+        );
+        h.datapath.unrevoke(AGENT).unwrap();
+        h.expect(
+            &syn("10.0.0.1", 8002, "10.0.0.100", 443),
+            5,
+            Reason::Grant,
+            Some((AGENT, API)),
+        );
+    });
+}

@@ -52,7 +52,7 @@ fn xdp_enforces_policy_until_detached() -> anyhow::Result<()> {
         "grant removed: the live flow ends, every packet dropped"
     );
 
-    datapath.detach_xdp(link)?;
+    datapath.detach(link)?;
     assert_eq!(delivered()?, PACKETS, "detached: traffic flows again");
     Ok(())
 }

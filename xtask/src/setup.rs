@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use crate::cmd::{self, output, step, workspace_root};
 
 /// Debian packages the tests and the demo use.
-const APT_PACKAGES: &[&str] = &["iproute2"];
+const APT_PACKAGES: &[&str] = &["iproute2", "iputils-ping"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The nightly's bundled LLVM major version; bpf-linker's cargo feature names it.
 const LLVM_MAJOR: &str = "22";

@@ -8,8 +8,12 @@ mod test_run;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapError},
-    programs::{ProgramError, SchedClassifier, Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{Array, HashMap, MapData, MapError},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc, tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+    },
+    util::KernelVersion,
 };
 pub use entries::{Clock, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate};
 use mesh_common::{config, maps, programs};
@@ -37,7 +41,7 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    #[error("attaching XDP to interface `{interface}`")]
+    #[error("attaching to interface `{interface}`")]
     Attach {
         interface: String,
         #[source]
@@ -55,6 +59,16 @@ pub enum DatapathError {
     Clock(#[source] std::io::Error),
     #[error("pinning the test-run thread to a CPU: {0}")]
     Affinity(#[source] nix::Error),
+}
+
+/// A program attached to an interface.
+#[derive(Debug)]
+pub enum Attachment {
+    Xdp(XdpLinkId),
+    Tc {
+        program: &'static str,
+        link: SchedClassifierLinkId,
+    },
 }
 
 /// The loaded programs and their maps. Dropping it detaches everything it
@@ -89,20 +103,57 @@ impl Datapath {
         &mut self,
         interface: &str,
         mode: XdpMode,
-    ) -> Result<XdpLinkId, DatapathError> {
+    ) -> Result<Attachment, DatapathError> {
         program::<Xdp>(&mut self.ebpf, programs::XDP)?
             .attach(interface, mode)
-            .map_err(|source| DatapathError::Attach {
-                interface: interface.to_owned(),
-                source,
-            })
+            .map(Attachment::Xdp)
+            .map_err(attach_error(interface))
     }
 
-    /// Detaches a link made by [`Self::attach_xdp`].
-    pub fn detach_xdp(&mut self, link: XdpLinkId) -> Result<(), DatapathError> {
-        program::<Xdp>(&mut self.ebpf, programs::XDP)?
-            .detach(link)
-            .map_err(program_error(programs::XDP))
+    /// Attaches a TC program to `interface` (in the calling thread's network
+    /// namespace) in `direction`: through tcx on kernels ≥ 6.6, else as a
+    /// clsact filter. `l3` picks the program for devices without an Ethernet
+    /// header, such as WireGuard interfaces.
+    pub fn attach_tc(
+        &mut self,
+        interface: &str,
+        direction: TcAttachType,
+        l3: bool,
+    ) -> Result<Attachment, DatapathError> {
+        // tcx needs 6.6; below it, filters hang off a clsact qdisc.
+        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+            match tc::qdisc_add_clsact(interface) {
+                Ok(()) => {}
+                Err(tc::TcError::NetlinkError(err)) if err.raw_os_error() == Some(libc::EEXIST) => {
+                }
+                Err(err) => {
+                    return Err(attach_error(interface)(ProgramError::TcError(err)));
+                }
+            }
+        }
+        let name = if l3 { programs::TC_L3 } else { programs::TC };
+        program::<SchedClassifier>(&mut self.ebpf, name)?
+            .attach(interface, direction)
+            .map(|link| Attachment::Tc {
+                program: name,
+                link,
+            })
+            .map_err(attach_error(interface))
+    }
+
+    /// Detaches what [`Self::attach_xdp`] or [`Self::attach_tc`] attached.
+    pub fn detach(&mut self, attachment: Attachment) -> Result<(), DatapathError> {
+        match attachment {
+            Attachment::Xdp(link) => program::<Xdp>(&mut self.ebpf, programs::XDP)?
+                .detach(link)
+                .map_err(program_error(programs::XDP)),
+            Attachment::Tc {
+                program: name,
+                link,
+            } => program::<SchedClassifier>(&mut self.ebpf, name)?
+                .detach(link)
+                .map_err(program_error(name)),
+        }
     }
 
     /// The live state word: generation bit and epoch.
@@ -110,6 +161,37 @@ impl Datapath {
         self.config()?
             .get(&config::STATE, 0)
             .map_err(map_error(maps::CONFIG))
+    }
+
+    /// Cuts `tag` off: its new flows are denied as `revoked`, and bumping the
+    /// epoch makes its live flows revalidate, and end, on their next packet.
+    pub fn revoke(&mut self, tag: u32) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::REVOKED)
+            .ok_or(DatapathError::MissingMap(maps::REVOKED))?;
+        HashMap::<_, u32, u32>::try_from(map)
+            .and_then(|mut revoked| revoked.insert(tag, 0, 0))
+            .map_err(map_error(maps::REVOKED))?;
+        self.bump_epoch()
+    }
+
+    /// Lifts a revocation. Flows ended by it stay ended.
+    pub fn unrevoke(&mut self, tag: u32) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::REVOKED)
+            .ok_or(DatapathError::MissingMap(maps::REVOKED))?;
+        match HashMap::<_, u32, u32>::try_from(map).and_then(|mut revoked| revoked.remove(&tag)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(err) => Err(map_error(maps::REVOKED)(err)),
+        }
+    }
+
+    /// A new epoch with the same generation: live flows revalidate.
+    fn bump_epoch(&mut self) -> Result<(), DatapathError> {
+        let state = self.state()?;
+        self.set_config(config::STATE, state + 2)
     }
 
     fn config(&self) -> Result<Array<&MapData, u64>, DatapathError> {
@@ -139,6 +221,13 @@ where
         .ok_or(DatapathError::MissingProgram(name))?
         .try_into()
         .map_err(program_error(name))
+}
+
+fn attach_error(interface: &str) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Attach {
+        interface: interface.to_owned(),
+        source,
+    }
 }
 
 fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {

@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     datapath.install(&one_udp_grant(AGENT, target, false), &Clock::now()?)?;
     show("policy changed live: grant removed", 0)?;
-    datapath.detach_xdp(link)?;
+    datapath.detach(link)?;
     show("program detached", DATAGRAMS)?;
     println!("demo passed: every behaviour shown above happened");
     Ok(())
