@@ -9,7 +9,8 @@ use std::{
 };
 
 use mesh_agent::datapath::{
-    Clock, Datapath, Entry, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate,
+    Clock, Datapath, DatapathError, Entry, GrantLimits, MapSizes, PolicyEntries, PortBlock, Prefix,
+    Rate,
 };
 use mesh_common::{Reason, identity, proto, service};
 use mesh_tests::{
@@ -110,8 +111,12 @@ struct Harness {
 
 impl Harness {
     fn new(entry: Entry) -> Self {
+        Self::with_sizes(entry, MapSizes::default())
+    }
+
+    fn with_sizes(entry: Entry, sizes: MapSizes) -> Self {
         require_root();
-        let mut datapath = Datapath::load().expect("loading the programs");
+        let mut datapath = Datapath::load_with(sizes).expect("loading the programs");
         let clock = Clock {
             wall: SystemTime::now(),
             boot_ns: T0,
@@ -499,4 +504,52 @@ fn revocation_ends_new_and_live_flows() {
             Some((AGENT, API)),
         );
     });
+}
+
+#[test]
+fn a_policy_that_does_not_fit_leaves_the_live_one_enforcing() {
+    // Room for 7 grant entries: the live policy's 4 and a next one's 3, but
+    // not another 4 beside the live ones.
+    let sizes = MapSizes {
+        grants: 7,
+        ..MapSizes::default()
+    };
+    for entry in [Entry::Xdp, Entry::Tc] {
+        let mut h = Harness::with_sizes(entry, sizes);
+        let state = h.datapath.state().unwrap();
+        let err = h
+            .datapath
+            .install(&entries(&h.clock, true), &h.clock)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DatapathError::MapFull {
+                    name: "GRANTS",
+                    capacity: 7
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            h.datapath.state().unwrap(),
+            state,
+            "no flip after a failed install"
+        );
+        h.expect(
+            &syn("10.0.0.1", 9000, "10.0.0.100", 443),
+            0,
+            Reason::Grant,
+            Some((AGENT, API)),
+        );
+        // The failed attempt left nothing behind: a policy that fits beside
+        // the live one installs.
+        h.reinstall(false);
+        h.expect(
+            &syn("10.0.0.1", 9001, "10.0.0.100", 443),
+            1,
+            Reason::NoGrant,
+            Some((AGENT, API)),
+        );
+    }
 }

@@ -10,7 +10,7 @@ use aya::maps::{
 };
 use mesh_common::{
     AddrKey, BucketKey, DestinationClass, GEN_BITS, GrantInfo, GrantKey, GrantRefs, IdentityValue,
-    PORT_KEY_FIXED_BITS, PortKey, ServiceSlot, capacity, config, maps,
+    PORT_KEY_FIXED_BITS, PortKey, ServiceSlot, config, maps,
 };
 use nix::time::{ClockId, clock_gettime};
 
@@ -110,13 +110,14 @@ impl Datapath {
                 insert_lpm(maps::SERVICE_PORTS, &mut ports, &key, value)?;
             }
         }
-        let base = grant_base(generation);
+        let base = self.grant_base(generation);
+        let per_generation = self.sizes.grants_per_generation();
         {
             let mut info: Array<_, GrantInfo> = self.map(maps::GRANT_INFO)?;
-            if entries.grant_limits.len() > capacity::GRANT_INFO_PER_GENERATION as usize {
+            if entries.grant_limits.len() > per_generation as usize {
                 return Err(DatapathError::MapFull {
                     name: maps::GRANT_INFO,
-                    capacity: capacity::GRANT_INFO_PER_GENERATION,
+                    capacity: per_generation,
                 });
             }
             for (index, limits) in entries.grant_limits.iter().enumerate() {
@@ -169,8 +170,8 @@ impl Datapath {
         remove_where::<GrantKey, GrantRefs>(self.map(maps::GRANTS)?, maps::GRANTS, |k| {
             k.generation == generation
         })?;
-        let base = grant_base(generation);
-        let range = base..base + capacity::GRANT_INFO_PER_GENERATION;
+        let base = self.grant_base(generation);
+        let range = base..base + self.sizes.grants_per_generation();
         let buckets: HashMap<_, BucketKey, u64> = self.map(maps::RATE_BUCKETS)?;
         let stale: Vec<BucketKey> = buckets
             .keys()
@@ -184,6 +185,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// First GRANT_INFO index of a generation's half.
+    fn grant_base(&self, generation: u8) -> u32 {
+        u32::from(generation) * self.sizes.grants_per_generation()
+    }
+
     fn map<'a, M>(&'a mut self, name: &'static str) -> Result<M, DatapathError>
     where
         M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
@@ -194,11 +200,6 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap(name))?;
         M::try_from(map).map_err(map_error(name))
     }
-}
-
-/// First GRANT_INFO index of a generation's half.
-fn grant_base(generation: u8) -> u32 {
-    u32::from(generation) * capacity::GRANT_INFO_PER_GENERATION
 }
 
 fn insert<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(

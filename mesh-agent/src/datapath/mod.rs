@@ -4,6 +4,7 @@
 
 mod entries;
 mod install;
+mod sizes;
 mod test_run;
 
 use aya::{
@@ -17,6 +18,7 @@ use aya::{
 };
 pub use entries::{Clock, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate};
 use mesh_common::{config, maps, programs};
+pub use sizes::MapSizes;
 pub use test_run::{Entry, TestVerdict};
 
 /// The object built from mesh-ebpf by the build script.
@@ -75,17 +77,24 @@ pub enum Attachment {
 /// attached and frees what nothing else holds.
 pub struct Datapath {
     ebpf: Ebpf,
+    sizes: MapSizes,
 }
 
 impl Datapath {
-    /// Loads the embedded object and all its programs into the kernel.
+    /// Loads the embedded object and all its programs into the kernel, with
+    /// the default map sizes.
     pub fn load() -> Result<Self, DatapathError> {
+        Self::load_with(MapSizes::default())
+    }
+
+    /// Loads with the given map sizes.
+    pub fn load_with(sizes: MapSizes) -> Result<Self, DatapathError> {
         if cfg!(mesh_ebpf_stub) || OBJECT.is_empty() {
             return Err(DatapathError::NoPrograms);
         }
-        let mut ebpf = EbpfLoader::new()
-            .load(OBJECT)
-            .map_err(DatapathError::Load)?;
+        let mut loader = EbpfLoader::new();
+        sizes.apply(&mut loader);
+        let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
         program::<Xdp>(&mut ebpf, programs::XDP)?
             .load()
             .map_err(program_error(programs::XDP))?;
@@ -94,7 +103,7 @@ impl Datapath {
                 .load()
                 .map_err(program_error(name))?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, sizes })
     }
 
     /// Attaches the XDP program to `interface` in the calling thread's
