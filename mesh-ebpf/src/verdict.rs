@@ -28,6 +28,13 @@ struct Decision {
     valid_until_ns: u64,
 }
 
+impl Decision {
+    const DENIED: Decision = Decision {
+        reason: Reason::NoGrant,
+        valid_until_ns: 0,
+    };
+}
+
 /// The policy-relevant view of one direction of a flow.
 struct Direction<'a> {
     src: &'a [u8; 16],
@@ -139,7 +146,16 @@ fn new_flow(packet: &Packet, key: &FlowKey, state: u64, now: u64, outcome: &mut 
     };
     let generation = config::generation(state);
     let (identity, service, slot) = classify(generation, &tuple);
-    let decision = decide(generation, identity, service, slot, now, true);
+    let mut decision = Decision::DENIED;
+    let query = Query {
+        now,
+        source: identity,
+        service,
+        slot,
+        generation,
+        new_flow: true,
+    };
+    decide(&query, &mut decision);
     if decision.reason == Reason::Grant {
         let initiator = if packet.src == key.addr_lo && packet.sport == key.port_lo {
             flow::INITIATOR_LO
@@ -226,7 +242,16 @@ fn revalidate(key: &FlowKey, value: &mut FlowValue, state: u64, now: u64) -> boo
     };
     let generation = config::generation(state);
     let (identity, service, slot) = classify(generation, &tuple);
-    let decision = decide(generation, identity, service, slot, now, false);
+    let mut decision = Decision::DENIED;
+    let query = Query {
+        now,
+        source: identity,
+        service,
+        slot,
+        generation,
+        new_flow: false,
+    };
+    decide(&query, &mut decision);
     if decision.reason != Reason::Grant {
         return false;
     }
@@ -369,34 +394,8 @@ fn source_identity(generation: u8, addr: &[u8; 16]) -> u32 {
         .map_or(identity::UNKNOWN, |v| v.tag)
 }
 
-/// Step 6 of the pipeline: the grants of (source, service, slot), then of
-/// (`*`, service, slot), in policy order.
-#[inline(always)]
-fn decide(
-    generation: u8,
-    source: u32,
-    service: u32,
-    slot: u32,
-    now: u64,
-    new_flow: bool,
-) -> Decision {
-    let query = Query {
-        now,
-        source,
-        service,
-        slot,
-        generation,
-        new_flow,
-    };
-    let mut decision = Decision {
-        reason: Reason::NoGrant,
-        valid_until_ns: 0,
-    };
-    decide_into(&query, &mut decision);
-    decision
-}
-
-/// The arguments of `decide`, by reference: BPF functions take at most five.
+/// What `decide` decides about; passed by reference because BPF functions
+/// take at most five arguments.
 #[derive(Clone, Copy)]
 struct Query {
     now: u64,
@@ -404,12 +403,15 @@ struct Query {
     service: u32,
     slot: u32,
     generation: u8,
+    /// A new flow takes a rate token; a revalidated one does not.
     new_flow: bool,
 }
 
-/// Not inlined: its frame is shared by the paths of new and revalidated flows.
+/// Step 6 of the pipeline: the grants of (source, service, slot), then of
+/// (`*`, service, slot), in policy order. Not inlined: new and revalidated
+/// flows share its stack frame.
 #[inline(never)]
-fn decide_into(query: &Query, decision: &mut Decision) {
+fn decide(query: &Query, decision: &mut Decision) {
     let Query {
         now,
         source,
@@ -418,28 +420,15 @@ fn decide_into(query: &Query, decision: &mut Decision) {
         generation,
         new_flow,
     } = *query;
-    *decision = decide_grants(generation, source, service, slot, now, new_flow);
-}
-
-#[inline(always)]
-fn decide_grants(
-    generation: u8,
-    source: u32,
-    service: u32,
-    slot: u32,
-    now: u64,
-    new_flow: bool,
-) -> Decision {
-    let deny = |reason| Decision {
-        reason,
-        valid_until_ns: 0,
-    };
+    *decision = Decision::DENIED;
     // SAFETY: presence test only.
     if source != identity::UNKNOWN && unsafe { REVOKED.get(&source) }.is_some() {
-        return deny(Reason::Revoked);
+        decision.reason = Reason::Revoked;
+        return;
     }
     if service == service::NONE {
-        return deny(Reason::UnknownDestination);
+        decision.reason = Reason::UnknownDestination;
+        return;
     }
     let mut saw_expired = false;
     let mut saw_rate_limited = false;
@@ -474,13 +463,14 @@ fn decide_grants(
                 saw_rate_limited = true;
                 continue;
             }
-            return Decision {
+            *decision = Decision {
                 reason: Reason::Grant,
                 valid_until_ns: info.expires_ns,
             };
+            return;
         }
     }
-    deny(if source == identity::UNKNOWN {
+    decision.reason = if source == identity::UNKNOWN {
         Reason::UnknownSource
     } else if saw_expired {
         Reason::Expired
@@ -488,7 +478,7 @@ fn decide_grants(
         Reason::RateLimited
     } else {
         Reason::NoGrant
-    })
+    };
 }
 
 /// GCRA: admit when the theoretical arrival time is within the burst
