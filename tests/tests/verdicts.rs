@@ -553,3 +553,35 @@ fn a_policy_that_does_not_fit_leaves_the_live_one_enforcing() {
         );
     }
 }
+
+#[test]
+fn counters_count_every_packet_and_forgetting_clears_them() {
+    on_both_entries(|h| {
+        let open = syn("10.0.0.1", 9100, "10.0.0.100", 443);
+        let len = open.bytes().len() as u64;
+        h.expect(&open, 0, Reason::Grant, Some((AGENT, API)));
+        h.expect(&open, 1, Reason::Flow, Some((AGENT, API)));
+        h.expect(&open, 2, Reason::Flow, Some((AGENT, API)));
+        h.expect(
+            &syn("10.9.9.9", 1, "10.0.0.100", 443),
+            3,
+            Reason::UnknownSource,
+            None,
+        );
+        let counters = h.datapath.counters().unwrap();
+        assert_eq!(counters.get(&(AGENT, API, Reason::Grant)), Some(&(1, len)));
+        assert_eq!(
+            counters.get(&(AGENT, API, Reason::Flow)),
+            Some(&(2, 2 * len))
+        );
+        assert_eq!(
+            counters.get(&(identity::UNKNOWN, API, Reason::UnknownSource)),
+            Some(&(1, len))
+        );
+        assert_eq!(counters.len(), 3, "{counters:?}");
+
+        h.datapath.forget_traffic().unwrap();
+        assert!(h.datapath.counters().unwrap().is_empty());
+        h.expect(&open.reply(), 4, Reason::UnknownDestination, None);
+    });
+}

@@ -14,7 +14,10 @@ use mesh_common::{
 };
 use nix::time::{ClockId, clock_gettime};
 
-use super::{Clock, Datapath, DatapathError, PolicyEntries, map_error};
+use super::{
+    Clock, Datapath, DatapathError, PolicyEntries, map_error,
+    traffic::{ignore_missing, remove_where},
+};
 
 impl Clock {
     /// Now, on both clocks.
@@ -239,32 +242,6 @@ fn full_or(name: &'static str, capacity: u32, err: MapError) -> DatapathError {
         }
         _ => DatapathError::Map { name, source: err },
     }
-}
-
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(call)) if call.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(())
-        }
-        other => other,
-    }
-}
-
-fn remove_where<K: aya::Pod, V: aya::Pod>(
-    mut map: HashMap<&mut MapData, K, V>,
-    name: &'static str,
-    doomed: impl Fn(&K) -> bool,
-) -> Result<(), DatapathError> {
-    let keys: Vec<K> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| doomed(k))
-        .collect();
-    for key in keys {
-        ignore_missing(map.remove(&key)).map_err(map_error(name))?;
-    }
-    Ok(())
 }
 
 fn remove_lpm_where<K: aya::Pod, V: aya::Pod>(

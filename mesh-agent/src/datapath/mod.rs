@@ -6,6 +6,7 @@ mod entries;
 mod install;
 mod sizes;
 mod test_run;
+mod traffic;
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -20,6 +21,7 @@ pub use entries::{Clock, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate};
 use mesh_common::{config, maps, programs};
 pub use sizes::MapSizes;
 pub use test_run::{Entry, TestVerdict};
+pub use traffic::Counters;
 
 /// The object built from mesh-ebpf by the build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
