@@ -1,5 +1,6 @@
 //! The mesh node agent as a library: the binary and the integration tests
 //! drive the same code.
 
+pub mod capture;
 pub mod datapath;
 pub mod policy;
