@@ -37,6 +37,8 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// `PerCpuArray<Verdict>`: the last verdict on this CPU, for replay.
     pub const LAST_VERDICT: &str = "LAST_VERDICT";
+    /// Per-CPU scratch space of the programs (the parsed packet).
+    pub const SCRATCH: &str = "SCRATCH";
 }
 
 /// Names of the programs in the object file.

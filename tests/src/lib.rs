@@ -5,6 +5,7 @@
 //! remove those left behind by a test process that was killed.
 
 pub mod packet;
+pub mod pcap;
 
 use std::{
     fs::File,
@@ -117,6 +118,39 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         if let Err(err) = run("ip", &["netns", "del", &self.name]) {
             eprintln!("cleanup: {err:#}");
+        }
+    }
+}
+
+/// A private bpffs instance mounted on a temporary folder, unmounted and
+/// removed on drop: pins made in one test are invisible to every other.
+pub struct BpfFs {
+    dir: tempfile::TempDir,
+}
+
+impl BpfFs {
+    pub fn mount() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("mesh-bpffs-").tempdir()?;
+        nix::mount::mount(
+            Some("bpf"),
+            dir.path(),
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting a bpffs")?;
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        if let Err(err) = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("cleanup: unmounting {}: {err}", self.dir.path().display());
         }
     }
 }

@@ -4,7 +4,9 @@
 
 mod entries;
 mod install;
+mod pin;
 mod sizes;
+mod sys;
 mod test_run;
 mod traffic;
 
@@ -19,6 +21,7 @@ use aya::{
 };
 pub use entries::{Clock, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate};
 use mesh_common::{config, maps, programs};
+pub use pin::{Hook, Pins, unpin_all};
 pub use sizes::MapSizes;
 pub use test_run::{Entry, TestVerdict};
 pub use traffic::Counters;
@@ -63,6 +66,18 @@ pub enum DatapathError {
     Clock(#[source] std::io::Error),
     #[error("pinning the test-run thread to a CPU: {0}")]
     Affinity(#[source] nix::Error),
+    #[error("pin `{}`", path.display())]
+    Pin {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the link pinned for interface `{interface}` is not one of ours")]
+    Adopt {
+        interface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
 }
 
 /// A program attached to an interface.
@@ -91,11 +106,20 @@ impl Datapath {
 
     /// Loads with the given map sizes.
     pub fn load_with(sizes: MapSizes) -> Result<Self, DatapathError> {
+        Self::load_configured(sizes, None)
+    }
+
+    /// Loads with the given map sizes, the maps pinned under `pins` if given.
+    fn load_configured(sizes: MapSizes, pins: Option<&pin::Pins>) -> Result<Self, DatapathError> {
         if cfg!(mesh_ebpf_stub) || OBJECT.is_empty() {
             return Err(DatapathError::NoPrograms);
         }
         let mut loader = EbpfLoader::new();
         sizes.apply(&mut loader);
+        let pin_paths = pins.map(pin::Pins::map_paths).unwrap_or_default();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
         let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
         program::<Xdp>(&mut ebpf, programs::XDP)?
             .load()
@@ -150,6 +174,14 @@ impl Datapath {
                 link,
             })
             .map_err(attach_error(interface))
+    }
+
+    fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
+        program::<Xdp>(&mut self.ebpf, programs::XDP)
+    }
+
+    fn tc(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        program::<SchedClassifier>(&mut self.ebpf, name)
     }
 
     /// Detaches what [`Self::attach_xdp`] or [`Self::attach_tc`] attached.

@@ -1,0 +1,266 @@
+//! Pinning under one bpffs folder, so that enforcement outlives the agent:
+//! maps under `maps/`, links under `links/`. A restarted agent adopts the
+//! pinned maps with their contents (policy, flows, counters) and swaps its
+//! freshly loaded programs into the pinned links atomically, so there is
+//! neither a gap nor a flush.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    TcAttachType,
+    links::{FdLink, LinkError, PinnedLink},
+    tc::SchedClassifierLink,
+    xdp::XdpLink,
+};
+use mesh_common::maps;
+
+use super::{Attachment, Datapath, DatapathError};
+
+/// Every map the programs declare, in the order they are pinned.
+const ALL_MAPS: [&str; 14] = [
+    maps::CONFIG,
+    maps::IDENTITY_HOSTS,
+    maps::IDENTITY_PREFIXES,
+    maps::DESTINATIONS,
+    maps::SERVICE_PORTS,
+    maps::GRANTS,
+    maps::GRANT_INFO,
+    maps::RATE_BUCKETS,
+    maps::REVOKED,
+    maps::FLOWS,
+    maps::FRAGMENTS,
+    maps::COUNTERS,
+    maps::LAST_VERDICT,
+    maps::SCRATCH,
+];
+
+/// Where an attachment hooks in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Xdp,
+    TcIngress,
+    TcEgress,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 3] = [Hook::Xdp, Hook::TcIngress, Hook::TcEgress];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::TcIngress => "tc-ingress",
+            Hook::TcEgress => "tc-egress",
+        }
+    }
+}
+
+/// The layout of one agent's pins.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn map(&self, name: &str) -> PathBuf {
+        self.root.join("maps").join(name)
+    }
+
+    /// Every map's pin path.
+    pub(super) fn map_paths(&self) -> Vec<(&'static str, PathBuf)> {
+        ALL_MAPS
+            .iter()
+            .map(|&name| (name, self.map(name)))
+            .collect()
+    }
+
+    /// `links/<hook>/<interface>`. bpffs refuses names with a dot, which
+    /// interface names may have (VLANs: `eth0.100`), and interface names
+    /// never have a colon: so dots become colons.
+    fn link(&self, interface: &str, hook: Hook) -> PathBuf {
+        self.root
+            .join("links")
+            .join(hook.name())
+            .join(interface.replace('.', ":"))
+    }
+
+    /// Makes the folders; the root must be on a bpffs mount.
+    fn create(&self) -> Result<(), DatapathError> {
+        let links = self.root.join("links");
+        let hooks = Hook::ALL.map(|hook| links.join(hook.name()));
+        for dir in [self.root.join("maps")].into_iter().chain(hooks) {
+            fs::create_dir_all(&dir).map_err(|source| DatapathError::Pin { path: dir, source })?;
+        }
+        Ok(())
+    }
+
+    /// The pinned links, as (interface, hook, path).
+    pub fn links(&self) -> Result<Vec<(String, Hook, PathBuf)>, DatapathError> {
+        let mut links = Vec::new();
+        for hook in Hook::ALL {
+            let dir = self.root.join("links").join(hook.name());
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(DatapathError::Pin { path: dir, source }),
+            };
+            for entry in entries.filter_map(Result::ok) {
+                let interface = entry.file_name().to_string_lossy().replace(':', ".");
+                links.push((interface, hook, entry.path()));
+            }
+        }
+        links.sort_by(|a, b| (&a.0, a.1.name()).cmp(&(&b.0, b.1.name())));
+        Ok(links)
+    }
+}
+
+impl Datapath {
+    /// Loads the programs with every map pinned under `pins`: maps an
+    /// earlier agent pinned there are adopted, contents and all.
+    pub fn load_pinned(pins: &Pins, sizes: super::MapSizes) -> Result<Self, DatapathError> {
+        pins.create()?;
+        Self::load_configured(sizes, Some(pins))
+    }
+
+    /// Attaches to `interface` at `hook` and pins the link. If an earlier
+    /// agent pinned a link there, this agent's program replaces its program
+    /// in that link atomically: packets never meet an unattached interface.
+    pub fn attach_pinned(
+        &mut self,
+        pins: &Pins,
+        interface: &str,
+        hook: Hook,
+    ) -> Result<(), DatapathError> {
+        let path = pins.link(interface, hook);
+        let pin_error = |source: io::Error| DatapathError::Pin {
+            path: path.clone(),
+            source,
+        };
+        match PinnedLink::from_pin(&path) {
+            Ok(pinned) => {
+                let attachment = self.take_over(FdLink::from(pinned), hook, interface)?;
+                // The pin already names this very link; only release our
+                // hold on it, so that dropping the datapath leaves it be.
+                drop(self.release(attachment)?);
+                Ok(())
+            }
+            Err(LinkError::SyscallError(call))
+                if call.io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                let attachment = match hook {
+                    Hook::Xdp => self.attach_xdp(interface, aya::programs::XdpMode::default())?,
+                    Hook::TcIngress => self.attach_tc(interface, TcAttachType::Ingress, false)?,
+                    Hook::TcEgress => self.attach_tc(interface, TcAttachType::Egress, false)?,
+                };
+                self.release(attachment)?
+                    .pin(&path)
+                    .map(drop)
+                    .map_err(|err| pin_error(io::Error::other(err)))
+            }
+            Err(err) => Err(pin_error(io::Error::other(err))),
+        }
+    }
+
+    /// Moves a pinned link to this datapath's program of the same hook.
+    fn take_over(
+        &mut self,
+        link: FdLink,
+        hook: Hook,
+        interface: &str,
+    ) -> Result<Attachment, DatapathError> {
+        let invalid = |err: LinkError| DatapathError::Adopt {
+            interface: interface.to_owned(),
+            source: err,
+        };
+        match hook {
+            Hook::Xdp => {
+                let link = XdpLink::try_from(link).map_err(invalid)?;
+                self.xdp()?
+                    .attach_to_link(link)
+                    .map(Attachment::Xdp)
+                    .map_err(super::attach_error(interface))
+            }
+            Hook::TcIngress | Hook::TcEgress => {
+                let link = SchedClassifierLink::try_from(link).map_err(invalid)?;
+                let program = mesh_common::programs::TC;
+                self.tc(program)?
+                    .attach_to_link(link)
+                    .map(|link| Attachment::Tc { program, link })
+                    .map_err(super::attach_error(interface))
+            }
+        }
+    }
+
+    /// The kernel link behind an attachment, taken out of the program's
+    /// keeping so that it outlives this datapath once pinned.
+    fn release(&mut self, attachment: Attachment) -> Result<FdLink, DatapathError> {
+        let link_error = |err: LinkError| DatapathError::Pin {
+            path: PathBuf::from("links"),
+            source: io::Error::other(err),
+        };
+        match attachment {
+            Attachment::Xdp(id) => {
+                let program = mesh_common::programs::XDP;
+                let link = self
+                    .xdp()?
+                    .take_link(id)
+                    .map_err(super::program_error(program))?;
+                FdLink::try_from(link).map_err(link_error)
+            }
+            Attachment::Tc { program, link } => {
+                let link = self
+                    .tc(program)?
+                    .take_link(link)
+                    .map_err(super::program_error(program))?;
+                FdLink::try_from(link).map_err(link_error)
+            }
+        }
+    }
+}
+
+/// Removes every pin under `pins` — links first, each detached at once
+/// rather than whenever the kernel frees it, so interfaces are released when
+/// this returns — and the folders. Programs and maps not held by any process
+/// then leave the kernel.
+pub fn unpin_all(pins: &Pins) -> Result<(), DatapathError> {
+    for (_, _, path) in pins.links()? {
+        super::sys::detach_pinned_link(&path).map_err(|source| DatapathError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        fs::remove_file(&path).map_err(|source| DatapathError::Pin { path, source })?;
+    }
+    let links = pins.root.join("links");
+    let hook_dirs = Hook::ALL.map(|hook| links.join(hook.name()));
+    for name in ALL_MAPS {
+        remove(&pins.map(name), |p| fs::remove_file(p))?;
+    }
+    for dir in hook_dirs
+        .iter()
+        .chain([&links, &pins.root.join("maps"), &pins.root])
+    {
+        remove(dir, |p| fs::remove_dir(p))?;
+    }
+    Ok(())
+}
+
+/// Removes a pin or folder; one already gone is fine.
+fn remove(path: &Path, how: fn(&Path) -> io::Result<()>) -> Result<(), DatapathError> {
+    match how(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(DatapathError::Pin {
+            path: path.to_owned(),
+            source: err,
+        }),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,58 @@
+//! The two bpf(2) commands aya does not wrap: getting a pinned link's file
+//! descriptor and detaching a link at once, whoever else still holds it.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// `union bpf_attr` as BPF_OBJ_GET reads it.
+#[repr(C)]
+struct ObjGet {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `union bpf_attr` as BPF_LINK_DETACH reads it.
+#[repr(C)]
+struct LinkDetach {
+    link_fd: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a properly laid out prefix of `union bpf_attr`, and
+    // its size is passed along; the kernel zero-fills the rest.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Detaches the link pinned at `path` from its hook now. The pin itself
+/// stays; the link object lingers, defunct, until its last holder lets go.
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())?;
+    let mut get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut get)?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut detach = LinkDetach {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    bpf(BPF_LINK_DETACH, &mut detach).map(drop)
+}
