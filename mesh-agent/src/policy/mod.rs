@@ -5,6 +5,7 @@
 //! its line and column; a policy with any problem is rejected whole.
 
 mod address;
+mod compile;
 mod error;
 mod model;
 mod names;
@@ -17,6 +18,7 @@ mod spiffe;
 
 use std::{fs, path::Path};
 
+pub use compile::{Capacities, CompileError, Compiled, compile};
 pub use error::{LoadError, PolicyError, PolicyErrors};
 pub use model::{Grant, Identity, Policy, Selector, Service, Sources, Target};
 pub use ports::{PortRange, PortSet, PortSpec, PortSpecError};
