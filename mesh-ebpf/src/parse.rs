@@ -56,6 +56,10 @@ pub struct Packet {
     /// First fragment of a fragmented datagram (offset 0, more to come).
     pub first_fragment: bool,
     pub fragment_id: u32,
+    /// The protocol every fragment of the datagram names: the IPv4 header's,
+    /// or the Next Header of IPv6's Fragment header (later fragments do not
+    /// show the headers behind it).
+    pub fragment_proto: u8,
     /// Offset of the quoted IP header of an ICMP error.
     pub quote: u32,
     /// End of the IP packet (the frame may carry link-layer padding).
@@ -81,6 +85,7 @@ impl Packet {
         v6: false,
         first_fragment: false,
         fragment_id: 0,
+        fragment_proto: 0,
         quote: 0,
         ip_end: 0,
     };
@@ -120,6 +125,11 @@ struct FragmentHeader {
     reserved: u8,
     offset_flags: [u8; 2],
     id: [u8; 4],
+}
+
+#[inline(always)]
+fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
 }
 
 /// `::ffff:a.b.c.d`: IPv4 addresses in the maps' 16-byte form.
@@ -196,6 +206,7 @@ fn parse_ipv4<F: Frame>(frame: &F, off: u32, len: u32, packet: &mut Packet) -> O
     }
     packet.first_fragment = offset == 0 && more_fragments;
     packet.fragment_id = u16::from_be_bytes(h.id) as u32;
+    packet.fragment_proto = h.proto;
     packet.ip_end = off + total;
     Some(off + ihl)
 }
@@ -204,7 +215,13 @@ fn parse_ipv4<F: Frame>(frame: &F, off: u32, len: u32, packet: &mut Packet) -> O
 fn parse_ipv6<F: Frame>(frame: &F, off: u32, len: u32, packet: &mut Packet) -> Option<u32> {
     let h: Ipv6Header = frame.load(off)?;
     let end = off + 40 + u16::from_be_bytes(h.payload_len) as u32;
-    if h.version_class_flow[0] >> 4 != 6 || end > len {
+    // IPv4-mapped addresses never appear on the wire, and would pass for
+    // the IPv4 addresses they map to in the maps' 16-byte form.
+    if h.version_class_flow[0] >> 4 != 6
+        || end > len
+        || is_v4_mapped(&h.src)
+        || is_v4_mapped(&h.dst)
+    {
         return None;
     }
     packet.src = h.src;
@@ -228,12 +245,14 @@ fn parse_ipv6<F: Frame>(frame: &F, off: u32, len: u32, packet: &mut Packet) -> O
                 if offset_flags >> 3 != 0 {
                     packet.kind = Kind::LaterFragment;
                     packet.fragment_id = u32::from_be_bytes(f.id);
+                    packet.fragment_proto = f.next_header;
                     // Later fragments carry no further headers to parse.
                     return (cur <= end).then_some(cur);
                 }
                 if offset_flags & 1 != 0 {
                     packet.first_fragment = true;
                     packet.fragment_id = u32::from_be_bytes(f.id);
+                    packet.fragment_proto = f.next_header;
                 }
             }
             _ => return (cur <= end).then_some(cur),
@@ -306,6 +325,13 @@ pub struct Tuple {
     pub proto: u8,
 }
 
+#[inline(always)]
+fn echo_ports(quoted: &mut Tuple, icmp: &[u8; 8]) {
+    let id = u16::from_be_bytes([icmp[4], icmp[5]]);
+    quoted.sport = id;
+    quoted.dport = id;
+}
+
 /// The tuple of the packet quoted by an ICMP error, written into `quoted`.
 /// `false` if it cannot be read.
 #[inline(never)]
@@ -317,6 +343,9 @@ pub fn quoted<F: Frame>(frame: &F, error: &Packet, quoted: &mut Tuple) -> bool {
 fn quoted_tuple<F: Frame>(frame: &F, error: &Packet, quoted: &mut Tuple) -> Option<()> {
     let l4 = if error.v6 {
         let h: Ipv6Header = frame.load(error.quote)?;
+        if h.version_class_flow[0] >> 4 != 6 || is_v4_mapped(&h.src) || is_v4_mapped(&h.dst) {
+            return None;
+        }
         quoted.src = h.src;
         quoted.dst = h.dst;
         quoted.proto = h.next_header;
@@ -340,11 +369,9 @@ fn quoted_tuple<F: Frame>(frame: &F, error: &Packet, quoted: &mut Tuple) -> Opti
             quoted.sport = u16::from_be_bytes([h[0], h[1]]);
             quoted.dport = u16::from_be_bytes([h[2], h[3]]);
         }
-        (IPPROTO_ICMP, false) | (IPPROTO_ICMPV6, true) => {
-            let id = u16::from_be_bytes([h[4], h[5]]);
-            quoted.sport = id;
-            quoted.dport = id;
-        }
+        // Only echo has flows: other quoted ICMP names none.
+        (IPPROTO_ICMP, false) if matches!(h[0], 0 | 8) => echo_ports(quoted, &h),
+        (IPPROTO_ICMPV6, true) if matches!(h[0], 128 | 129) => echo_ports(quoted, &h),
         _ => return None,
     }
     Some(())

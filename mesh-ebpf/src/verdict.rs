@@ -79,12 +79,10 @@ fn judge<F: Frame>(frame: &F, l2: bool) -> Outcome {
     match packet.kind {
         Kind::LaterFragment => later_fragment(packet, state, now, &mut outcome),
         Kind::IcmpError => related(frame, packet, state, now, &mut outcome),
-        _ => {
-            flow_or_new(packet, state, now, &mut outcome);
-            if packet.first_fragment && outcome.reason.allows() {
-                remember_first_fragment(packet, &outcome, state, now);
-            }
-        }
+        _ => flow_or_new(packet, state, now, &mut outcome),
+    }
+    if packet.first_fragment && outcome.reason.allows() {
+        remember_first_fragment(packet, &outcome, state, now);
     }
     outcome
 }
@@ -118,10 +116,13 @@ fn flow_or_new(packet: &Packet, state: u64, now: u64, outcome: &mut Outcome) {
     } else {
         0
     };
-    let owner = live_flow(&key, state, now, tcp_flags);
-    if owner != 0 {
-        *outcome = flow_outcome(Reason::Flow, owner);
-        return;
+    // Only TCP, UDP and ICMP echo have flows.
+    if packet.kind != Kind::Other {
+        let owner = live_flow(&key, state, now, tcp_flags);
+        if owner != 0 {
+            *outcome = flow_outcome(Reason::Flow, owner);
+            return;
+        }
     }
     new_flow(packet, &key, state, now, outcome);
 }
@@ -522,7 +523,7 @@ fn fragment_key(packet: &Packet) -> FragmentKey {
         src: packet.src,
         dst: packet.dst,
         id: packet.fragment_id,
-        proto: packet.proto,
+        proto: packet.fragment_proto,
         _pad: [0; 3],
     }
 }

@@ -270,6 +270,9 @@ fn malformed_truncations() {
                 None,
             );
         }
+        // An IPv6 packet posing as the IPv4 agent through a mapped address.
+        let mapped = syn("::ffff:10.0.0.1", 40006, "fd00::100", 443);
+        h.expect(&mapped, 0, Reason::Malformed, None);
         let short_udp = Packet::raw(ip("10.0.0.1"), ip("10.0.0.100"), 17, vec![0; 4]);
         h.expect(&short_udp, 0, Reason::Malformed, None);
     });

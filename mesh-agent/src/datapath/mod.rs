@@ -225,10 +225,9 @@ impl Datapath {
             .ebpf
             .map_mut(maps::REVOKED)
             .ok_or(DatapathError::MissingMap(maps::REVOKED))?;
-        match HashMap::<_, u32, u32>::try_from(map).and_then(|mut revoked| revoked.remove(&tag)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(err) => Err(map_error(maps::REVOKED)(err)),
-        }
+        HashMap::<_, u32, u32>::try_from(map)
+            .and_then(|mut revoked| traffic::ignore_missing(revoked.remove(&tag)))
+            .map_err(map_error(maps::REVOKED))
     }
 
     /// A new epoch with the same generation: live flows revalidate.
