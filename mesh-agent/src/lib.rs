@@ -4,3 +4,4 @@
 pub mod capture;
 pub mod datapath;
 pub mod policy;
+pub mod reference;
