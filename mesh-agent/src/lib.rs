@@ -5,3 +5,4 @@ pub mod capture;
 pub mod datapath;
 pub mod policy;
 pub mod reference;
+pub mod replay;

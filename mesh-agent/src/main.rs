@@ -1,7 +1,8 @@
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::Write as _, path::PathBuf, process::ExitCode, time::SystemTime};
 
 use clap::{Parser, Subcommand};
-use mesh_agent::policy;
+use mesh_agent::{policy, replay};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// mesh node agent: per-agent identities, per-service grants, enforced in the
 /// kernel with eBPF.
@@ -36,6 +37,25 @@ enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run every packet of a capture through the enforcement programs in the
+    /// running kernel and print one JSON verdict per packet.
+    Replay {
+        /// The policy file (TOML).
+        #[arg(long)]
+        policy: PathBuf,
+        /// Wall-clock time of the first packet, for grant expiry (RFC 3339;
+        /// default: now).
+        #[arg(long, value_parser = parse_rfc3339)]
+        now: Option<SystemTime>,
+        /// A pcap or pcapng capture, Ethernet or raw IP.
+        capture: PathBuf,
+    },
+}
+
+fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
+    OffsetDateTime::parse(text, &Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|err| format!("expected an RFC 3339 time such as 2026-12-01T00:00:00Z: {err}"))
 }
 
 fn main() -> ExitCode {
@@ -55,6 +75,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = policy::load(&file)?;
             println!("{}: valid: {}", file.display(), policy.summary());
+        }
+        Command::Policy(PolicyCommand::Replay {
+            policy,
+            now,
+            capture,
+        }) => {
+            let verdicts = replay::replay(&policy, &capture, now.unwrap_or_else(SystemTime::now))?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for verdict in &verdicts {
+                serde_json::to_writer(&mut out, verdict)?;
+                writeln!(out)?;
+            }
+            out.flush()?;
         }
         Command::Policy(PolicyCommand::Show { file, json }) => {
             let view = policy::load(&file)?.view();
