@@ -87,6 +87,10 @@ impl Pins {
     /// `links/<hook>/<interface>`. bpffs refuses names with a dot, which
     /// interface names may have (VLANs: `eth0.100`), and interface names
     /// never have a colon: so dots become colons.
+    pub fn has_link(&self, interface: &str, hook: Hook) -> bool {
+        self.link(interface, hook).exists()
+    }
+
     fn link(&self, interface: &str, hook: Hook) -> PathBuf {
         self.root
             .join("links")
@@ -132,7 +136,8 @@ impl Datapath {
         Self::load_configured(sizes, Some(pins))
     }
 
-    /// Attaches to `interface` at `hook` and pins the link. If an earlier
+    /// Attaches to `interface` at `hook` (XDP in native mode only: callers
+    /// fall back to TC where a driver lacks it) and pins the link. If an earlier
     /// agent pinned a link there, this agent's program replaces its program
     /// in that link atomically: packets never meet an unattached interface.
     pub fn attach_pinned(
@@ -158,7 +163,7 @@ impl Datapath {
                 if call.io_error.kind() == io::ErrorKind::NotFound =>
             {
                 let attachment = match hook {
-                    Hook::Xdp => self.attach_xdp(interface, aya::programs::XdpMode::default())?,
+                    Hook::Xdp => self.attach_xdp(interface, aya::programs::XdpMode::Driver)?,
                     Hook::TcIngress => self.attach_tc(interface, TcAttachType::Ingress, false)?,
                     Hook::TcEgress => self.attach_tc(interface, TcAttachType::Egress, false)?,
                 };
