@@ -1,6 +1,7 @@
 //! The mesh node agent as a library: the binary and the integration tests
 //! drive the same code.
 
+pub mod agent;
 pub mod capture;
 pub mod datapath;
 pub mod policy;

@@ -1,8 +1,9 @@
 use std::{io::Write as _, path::PathBuf, process::ExitCode, time::SystemTime};
 
 use clap::{Parser, Subcommand};
-use mesh_agent::{policy, replay};
+use mesh_agent::{agent, datapath::MapSizes, policy, replay};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tracing_subscriber::EnvFilter;
 
 /// mesh node agent: per-agent identities, per-service grants, enforced in the
 /// kernel with eBPF.
@@ -18,6 +19,49 @@ enum Command {
     /// Check and inspect policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the node agent: enforce the policy on the interfaces and keep it
+    /// in step with the file.
+    Run(RunArgs),
+    /// Show what the agent runs or left behind: policy, attachments, maps.
+    Status {
+        #[command(flatten)]
+        places: Places,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach and unpin everything the agent made; traffic then flows as if
+    /// mesh had never been there. Refused while an agent runs.
+    Teardown {
+        #[command(flatten)]
+        places: Places,
+    },
+}
+
+/// Where an agent keeps its state.
+#[derive(clap::Args)]
+struct Places {
+    /// The agent's folder on a bpffs, for its pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+    bpffs: PathBuf,
+    /// The agent's state folder (status file).
+    #[arg(long, default_value = "/var/lib/mesh")]
+    state_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The policy file (TOML); changes to it are applied at once.
+    #[arg(long)]
+    policy: PathBuf,
+    /// An interface to enforce on (ingress and egress); repeat for more.
+    #[arg(long = "interface", required = true)]
+    interfaces: Vec<String>,
+    /// The hook for arriving packets.
+    #[arg(long, value_enum, default_value_t)]
+    ingress: agent::Ingress,
+    #[command(flatten)]
+    places: Places,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +116,38 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let options = agent::Options {
+                policy: args.policy,
+                interfaces: args.interfaces,
+                ingress: args.ingress,
+                state_dir: args.places.state_dir,
+                bpffs: args.places.bpffs,
+                sizes: MapSizes::default(),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(agent::run(options))?;
+        }
+        Command::Status { places, json } => {
+            let report = agent::status(&places.state_dir, &places.bpffs);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+        }
+        Command::Teardown { places } => {
+            agent::teardown(&places.state_dir, &places.bpffs)?;
+            println!("mesh removed from {}", places.bpffs.display());
+        }
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = policy::load(&file)?;
             println!("{}: valid: {}", file.display(), policy.summary());

@@ -3,6 +3,7 @@
 //! them with BPF_PROG_TEST_RUN. The layout is described in docs/datapath.md.
 
 mod entries;
+mod inspect;
 mod install;
 mod pin;
 mod sizes;
@@ -20,6 +21,7 @@ use aya::{
     util::KernelVersion,
 };
 pub use entries::{Clock, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate};
+pub use inspect::{Inspection, MapFill, inspect};
 use mesh_common::{config, maps, programs};
 pub use pin::{Hook, Pins, unpin_all};
 pub use sizes::MapSizes;

@@ -20,7 +20,7 @@ use mesh_common::maps;
 use super::{Attachment, Datapath, DatapathError};
 
 /// Every map the programs declare, in the order they are pinned.
-const ALL_MAPS: [&str; 14] = [
+pub(super) const ALL_MAPS: [&str; 14] = [
     maps::CONFIG,
     maps::IDENTITY_HOSTS,
     maps::IDENTITY_PREFIXES,
@@ -72,7 +72,7 @@ impl Pins {
         &self.root
     }
 
-    fn map(&self, name: &str) -> PathBuf {
+    pub(super) fn map_path(&self, name: &str) -> PathBuf {
         self.root.join("maps").join(name)
     }
 
@@ -80,7 +80,7 @@ impl Pins {
     pub(super) fn map_paths(&self) -> Vec<(&'static str, PathBuf)> {
         ALL_MAPS
             .iter()
-            .map(|&name| (name, self.map(name)))
+            .map(|&name| (name, self.map_path(name)))
             .collect()
     }
 
@@ -248,7 +248,7 @@ pub fn unpin_all(pins: &Pins) -> Result<(), DatapathError> {
     let links = pins.root.join("links");
     let hook_dirs = Hook::ALL.map(|hook| links.join(hook.name()));
     for name in ALL_MAPS {
-        remove(&pins.map(name), |p| fs::remove_file(p))?;
+        remove(&pins.map_path(name), |p| fs::remove_file(p))?;
     }
     for dir in hook_dirs
         .iter()

@@ -1,11 +1,12 @@
-//! The two bpf(2) commands aya does not wrap: getting a pinned link's file
-//! descriptor and detaching a link at once, whoever else still holds it.
+//! The bpf(2) commands aya does not wrap: getting a pinned link's file
+//! descriptor, detaching a link at once whoever else still holds it, and
+//! walking a map's keys without knowing their type.
 
 use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
     path::Path,
@@ -55,4 +56,42 @@ pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
         link_fd: fd.as_raw_fd() as u32,
     };
     bpf(BPF_LINK_DETACH, &mut detach).map(drop)
+}
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// `union bpf_attr` as BPF_MAP_GET_NEXT_KEY reads it.
+#[repr(C)]
+struct NextKey {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+}
+
+/// Counts the keys of a hash-like map by walking them; at most `limit`, as
+/// entries may come and go during the walk.
+pub fn count_keys(map: BorrowedFd<'_>, key_size: u32, limit: u64) -> io::Result<u64> {
+    let mut key = vec![0u8; key_size as usize];
+    let mut next = vec![0u8; key_size as usize];
+    let mut count = 0;
+    let mut attr = NextKey {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        // No key: the first one.
+        key: 0,
+        next_key: next.as_mut_ptr() as u64,
+    };
+    while count < limit {
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(err) => return Err(err),
+        }
+        count += 1;
+        std::mem::swap(&mut key, &mut next);
+        attr.key = key.as_ptr() as u64;
+        attr.next_key = next.as_mut_ptr() as u64;
+    }
+    Ok(count)
 }

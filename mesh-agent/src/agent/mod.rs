@@ -1,0 +1,257 @@
+//! `mesh-agent run`: the node agent. It loads the programs with their maps
+//! pinned (adopting whatever an earlier agent left), applies the policy file,
+//! attaches to the interfaces, and then keeps the kernel in step with the
+//! file: on every change (inotify) and on SIGHUP. A policy with errors is
+//! rejected whole and the previous one keeps enforcing. On SIGTERM the agent
+//! exits and enforcement stays, pinned, until `mesh-agent teardown`.
+
+mod lock;
+mod preflight;
+mod report;
+mod status;
+mod watch;
+
+use std::{path::PathBuf, time::Duration};
+
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio::signal::unix::{SignalKind, signal};
+
+pub use self::{
+    lock::{AgentLock, LockError},
+    preflight::PreflightError,
+    report::{Report, status, teardown},
+    status::{AgentStatus, Applied},
+};
+use crate::{
+    datapath::{Clock, Datapath, DatapathError, Hook, MapSizes, Pins},
+    policy::{self, Capacities, CompileError, LoadError},
+};
+
+/// Which hook judges packets arriving on an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ingress {
+    /// Native XDP where the driver has it, TC otherwise.
+    #[default]
+    Auto,
+    Xdp,
+    Tc,
+}
+
+pub struct Options {
+    pub policy: PathBuf,
+    pub interfaces: Vec<String>,
+    pub ingress: Ingress,
+    pub state_dir: PathBuf,
+    /// The agent's own folder on a bpffs, holding its pins.
+    pub bpffs: PathBuf,
+    pub sizes: MapSizes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Policy(#[from] LoadError),
+    #[error("{}: {source}", path.display())]
+    Compile {
+        path: PathBuf,
+        #[source]
+        source: CompileError,
+    },
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for signals and file changes")]
+    Events(#[source] std::io::Error),
+}
+
+/// Changes to the policy file closer together than this are applied once.
+const SETTLE: Duration = Duration::from_millis(100);
+
+pub async fn run(options: Options) -> Result<(), AgentError> {
+    preflight::check_btf()?;
+    preflight::check_interfaces(&options.interfaces)?;
+    preflight::ensure_bpffs(&options.bpffs)?;
+    for (what, dir) in [
+        ("creating", &options.bpffs),
+        ("creating", &options.state_dir),
+    ] {
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::Io {
+            what,
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let _lock = AgentLock::take(&options.bpffs)?;
+    let pins = Pins::new(&options.bpffs);
+    let datapath = Datapath::load_pinned(&pins, options.sizes)?;
+    let adopted = datapath.state()? != 0;
+    if adopted {
+        tracing::info!(bpffs = %options.bpffs.display(), "adopted the pinned datapath");
+    }
+    let mut agent = Agent {
+        status: AgentStatus {
+            pid: Some(std::process::id()),
+            policy: options.policy.clone(),
+            bpffs: options.bpffs.clone(),
+            ..AgentStatus::default()
+        },
+        options,
+        datapath,
+        pins,
+    };
+    // The policy goes in before the interfaces are touched: a first start
+    // with a bad policy leaves them alone. An adopted datapath keeps its
+    // policy enforcing whatever the file says now.
+    if let Err(err) = agent.apply() {
+        if !adopted {
+            return Err(err);
+        }
+        agent.reject(&err);
+    }
+    agent.attach()?;
+    agent.save_status();
+
+    let events = |source| AgentError::Events(source);
+    let mut hangup = signal(SignalKind::hangup()).map_err(events)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(events)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(events)?;
+    let mut changes = watch::PolicyWatch::new(&agent.options.policy).map_err(events)?;
+    tracing::info!("running");
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => agent.reload("SIGHUP"),
+            changed = changes.next() => {
+                changed.map_err(events)?;
+                // Let a burst of writes (editors, `cp`, renames) settle.
+                tokio::time::sleep(SETTLE).await;
+                changes.drain();
+                agent.reload("policy file changed");
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    agent.status.pid = None;
+    agent.save_status();
+    tracing::info!("stopping; enforcement stays in place (mesh-agent teardown removes it)");
+    Ok(())
+}
+
+struct Agent {
+    options: Options,
+    datapath: Datapath,
+    pins: Pins,
+    status: AgentStatus,
+}
+
+impl Agent {
+    /// Loads, compiles and installs the policy file.
+    fn apply(&mut self) -> Result<(), AgentError> {
+        let path = &self.options.policy;
+        let policy = policy::load(path)?;
+        let capacities = Capacities::from(&self.options.sizes);
+        let compiled =
+            policy::compile(&policy, &capacities).map_err(|source| AgentError::Compile {
+                path: path.clone(),
+                source,
+            })?;
+        self.datapath.install(&compiled.entries, &Clock::now()?)?;
+        let reloads = self
+            .status
+            .applied
+            .as_ref()
+            .map_or(0, |applied| applied.reloads + 1);
+        self.status.applied = Some(Applied {
+            at: now_rfc3339(),
+            summary: policy.summary(),
+            reloads,
+        });
+        self.status.rejected.clear();
+        tracing::info!(policy = %path.display(), summary = %policy.summary(), "policy applied");
+        Ok(())
+    }
+
+    fn reload(&mut self, why: &str) {
+        tracing::info!(why, "reloading the policy");
+        if let Err(err) = self.apply() {
+            self.reject(&err);
+        }
+        self.save_status();
+    }
+
+    /// Logs a rejected policy, one line per error, and keeps the errors for
+    /// `status`. The previous policy keeps enforcing.
+    fn reject(&mut self, err: &AgentError) {
+        let text = format!("{err:#}");
+        self.status.rejected = text.lines().map(str::to_owned).collect();
+        for line in &self.status.rejected {
+            tracing::error!("{line}");
+        }
+        tracing::warn!("policy rejected; the previous policy keeps enforcing");
+    }
+
+    /// Ingress on every interface (adopting what is pinned), then egress.
+    fn attach(&mut self) -> Result<(), AgentError> {
+        let mut interfaces = Vec::new();
+        for interface in self.options.interfaces.clone() {
+            let ingress = self.attach_ingress(&interface)?;
+            self.datapath
+                .attach_pinned(&self.pins, &interface, Hook::TcEgress)?;
+            tracing::info!(interface, ingress = ingress.name(), "attached");
+            interfaces.push((
+                interface,
+                vec![ingress.name().to_owned(), Hook::TcEgress.name().to_owned()],
+            ));
+        }
+        self.status.interfaces = interfaces;
+        Ok(())
+    }
+
+    fn attach_ingress(&mut self, interface: &str) -> Result<Hook, AgentError> {
+        // What an earlier agent chose stands, so the swap has no gap.
+        for hook in [Hook::Xdp, Hook::TcIngress] {
+            if self.pins.has_link(interface, hook) {
+                self.datapath.attach_pinned(&self.pins, interface, hook)?;
+                return Ok(hook);
+            }
+        }
+        let hook = match self.options.ingress {
+            Ingress::Tc => Hook::TcIngress,
+            Ingress::Xdp => Hook::Xdp,
+            Ingress::Auto => match self
+                .datapath
+                .attach_pinned(&self.pins, interface, Hook::Xdp)
+            {
+                Ok(()) => return Ok(Hook::Xdp),
+                Err(err) => {
+                    tracing::info!(interface, error = %err, "no native XDP; judging ingress with TC");
+                    Hook::TcIngress
+                }
+            },
+        };
+        self.datapath.attach_pinned(&self.pins, interface, hook)?;
+        Ok(hook)
+    }
+
+    fn save_status(&self) {
+        if let Err(err) = self.status.write(&self.options.state_dir) {
+            tracing::warn!(error = %err, "writing the status file");
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "unknown".to_owned())
+}

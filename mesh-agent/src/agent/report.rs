@@ -1,0 +1,110 @@
+//! `mesh-agent status` and `mesh-agent teardown`: what an agent left on a
+//! node, and removing it.
+
+use std::{fmt, path::Path};
+
+use serde::Serialize;
+
+use super::{AgentError, AgentLock, AgentStatus};
+use crate::datapath::{self, Inspection, Pins};
+
+/// The agent's own account (if it ever ran with this state folder) and what
+/// the pins show.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub running: bool,
+    pub agent: Option<AgentStatus>,
+    pub datapath: Option<Inspection>,
+}
+
+pub fn status(state_dir: &Path, bpffs: &Path) -> Report {
+    let agent = AgentStatus::read(state_dir).ok();
+    let running = agent
+        .as_ref()
+        .and_then(|status| status.pid)
+        .is_some_and(|pid| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+        });
+    Report {
+        running,
+        agent,
+        datapath: datapath::inspect(&Pins::new(bpffs)).ok(),
+    }
+}
+
+/// Detaches and unpins everything under `bpffs`, once no agent runs there,
+/// and forgets the agent's status.
+pub fn teardown(state_dir: &Path, bpffs: &Path) -> Result<(), AgentError> {
+    if !bpffs.exists() {
+        return Ok(());
+    }
+    let lock = AgentLock::take(bpffs)?;
+    datapath::unpin_all(&Pins::new(bpffs))?;
+    drop(lock);
+    let status = AgentStatus::path(state_dir);
+    match std::fs::remove_file(&status) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(AgentError::Io {
+            what: "removing",
+            path: status,
+            source: err,
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.agent, self.running) {
+            (Some(agent), true) => {
+                writeln!(f, "agent: running (pid {})", agent.pid.unwrap_or_default())?
+            }
+            (Some(_), false) => writeln!(f, "agent: not running")?,
+            (None, _) => writeln!(f, "agent: never ran with this state folder")?,
+        }
+        if let Some(agent) = &self.agent {
+            writeln!(f, "policy: {}", agent.policy.display())?;
+            match &agent.applied {
+                Some(applied) => writeln!(
+                    f,
+                    "  applied {}: {} (reloads since start: {})",
+                    applied.at, applied.summary, applied.reloads
+                )?,
+                None => writeln!(f, "  never applied")?,
+            }
+            if !agent.rejected.is_empty() {
+                writeln!(f, "  rejected, the applied policy keeps enforcing:")?;
+                for line in &agent.rejected {
+                    writeln!(f, "    {line}")?;
+                }
+            }
+        }
+        let Some(datapath) = &self.datapath else {
+            return writeln!(f, "datapath: nothing pinned");
+        };
+        writeln!(
+            f,
+            "datapath: policy generation {} (epoch {})",
+            datapath.state & 1,
+            datapath.state >> 1
+        )?;
+        if datapath.links.is_empty() {
+            writeln!(f, "  attached nowhere")?;
+        }
+        for (interface, hook) in &datapath.links {
+            writeln!(f, "  attached: {interface} {hook}")?;
+        }
+        for map in &datapath.maps {
+            match map.entries {
+                Some(entries) => writeln!(
+                    f,
+                    "  {:<18} {entries:>8} / {:<8} ({:.1}%)",
+                    map.name,
+                    map.capacity,
+                    entries as f64 * 100.0 / f64::from(map.capacity.max(1))
+                )?,
+                None => writeln!(f, "  {:<18} {:>8}   array", map.name, map.capacity)?,
+            }
+        }
+        Ok(())
+    }
+}
