@@ -299,3 +299,78 @@ fn survives_kill_adopts_refuses_a_second_agent_and_tears_down() -> anyhow::Resul
     assert!(!links.contains("xdp"), "{links}");
     Ok(())
 }
+
+#[test]
+fn expiry_and_rate_limits_hold_in_the_live_kernel() -> anyhow::Result<()> {
+    let node = Node::new()?;
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let expires = expires.format(&time::format_description::well_known::Rfc3339)?;
+    let policy = format!(
+        "{}\n[[grant]]\nfrom = [\"spiffe://acme.internal/agent/client\"]\nto = [\"server\"]\n\
+         ports = [\"7003/udp\"]\nexpires = \"{expires}\"\n\n\
+         [[grant]]\nfrom = [\"spiffe://acme.internal/agent/client\"]\nto = [\"server\"]\n\
+         ports = [\"7004/udp\"]\nrate = \"2/m\"\n",
+        policy(&[7000])
+    );
+    node.write_policy(&policy)?;
+    let _agent = node.start_agent()?;
+
+    // Each delivery opens a new flow: the bucket holds two.
+    assert_eq!(node.delivered(7004)?, PACKETS, "first flow");
+    assert_eq!(node.delivered(7004)?, PACKETS, "second flow");
+    assert_eq!(
+        node.delivered(7004)?,
+        0,
+        "third flow within the minute: rate-limited"
+    );
+
+    assert_eq!(node.delivered(7003)?, PACKETS, "before expiry");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(node.becomes(7003, false)?, "after expiry, within a second");
+    assert_eq!(node.delivered(7000)?, PACKETS, "other grants unaffected");
+    Ok(())
+}
+
+#[test]
+fn startup_errors_say_what_to_do() -> anyhow::Result<()> {
+    let node = Node::new()?;
+    let mut missing = node.mesh_agent(&["run", "--interface", "nosuch0"])?;
+    let out = missing.arg("--policy").arg(node.policy_path()).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interface `nosuch0` not found"));
+
+    let not_bpffs = node.dir.path().join("pins");
+    let out = node
+        .server
+        .command(env!("CARGO_BIN_EXE_mesh-agent"))?
+        .args(["run", "--interface", "veth-s", "--policy"])
+        .arg(node.policy_path())
+        .arg("--bpffs")
+        .arg(not_bpffs.join("mesh"))
+        .arg("--state-dir")
+        .arg(node.state_dir())
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not on a bpffs: mount one there"),
+        "{stderr}"
+    );
+
+    node.write_policy("version = 1\n")?;
+    let out = node.run_command()?.output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a first start with a bad policy fails"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("policy.toml:1:1: missing key `trust_domain`"),
+        "{stderr}"
+    );
+    let links = node.server.ip(&["-d", "link", "show", "veth-s"])?;
+    assert!(!links.contains("xdp"), "nothing attached: {links}");
+    assert!(!node.pin_root().exists(), "nothing pinned");
+    Ok(())
+}

@@ -23,7 +23,7 @@ pub use self::{
     status::{AgentStatus, Applied},
 };
 use crate::{
-    datapath::{Clock, Datapath, DatapathError, Hook, MapSizes, Pins},
+    datapath::{self, Clock, Datapath, DatapathError, Hook, MapSizes, Pins},
     policy::{self, Capacities, CompileError, LoadError},
 };
 
@@ -114,6 +114,9 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
     // policy enforcing whatever the file says now.
     if let Err(err) = agent.apply() {
         if !adopted {
+            // Leave the node as it was: nothing pinned either.
+            drop(agent.datapath);
+            datapath::unpin_all(&agent.pins)?;
             return Err(err);
         }
         agent.reject(&err);
