@@ -274,6 +274,13 @@ fn survives_kill_adopts_refuses_a_second_agent_and_tears_down() -> anyhow::Resul
         status.contains("1 identity, 1 service, 1 grant"),
         "{status}"
     );
+    for counted in [
+        "spiffe://acme.internal/agent/client -> server: allow grant",
+        "spiffe://acme.internal/agent/client -> server: allow flow",
+        "spiffe://acme.internal/agent/client -> server: deny no-grant",
+    ] {
+        assert!(status.contains(counted), "{counted}: {status}");
+    }
 
     second.signal(nix::sys::signal::Signal::SIGTERM)?;
     assert!(second.wait()?.success());

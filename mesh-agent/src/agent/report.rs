@@ -5,8 +5,13 @@ use std::{fmt, path::Path};
 
 use serde::Serialize;
 
+use mesh_common::{identity, service};
+
 use super::{AgentError, AgentLock, AgentStatus};
-use crate::datapath::{self, Inspection, Pins};
+use crate::{
+    datapath::{self, Inspection, Pins},
+    policy::{self, Capacities},
+};
 
 /// The agent's own account (if it ever ran with this state folder) and what
 /// the pins show.
@@ -15,6 +20,19 @@ pub struct Report {
     pub running: bool,
     pub agent: Option<AgentStatus>,
     pub datapath: Option<Inspection>,
+    /// Packets and bytes by source, service and reason since the datapath
+    /// was first loaded.
+    pub counters: Vec<CounterLine>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterLine {
+    pub source: String,
+    pub service: String,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 pub fn status(state_dir: &Path, bpffs: &Path) -> Report {
@@ -25,11 +43,48 @@ pub fn status(state_dir: &Path, bpffs: &Path) -> Report {
         .is_some_and(|pid| {
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
         });
+    let datapath = datapath::inspect(&Pins::new(bpffs)).ok();
+    let counters = datapath
+        .as_ref()
+        .map(|inspection| counter_lines(inspection, agent.as_ref()))
+        .unwrap_or_default();
     Report {
         running,
         agent,
-        datapath: datapath::inspect(&Pins::new(bpffs)).ok(),
+        datapath,
+        counters,
     }
+}
+
+/// Names the counters' tags and ids through the agent's policy file. Tags
+/// are a function of the names alone, so any version of the file that still
+/// has an identity names it rightly; the rest show as numbers.
+fn counter_lines(inspection: &Inspection, agent: Option<&AgentStatus>) -> Vec<CounterLine> {
+    let compiled = agent
+        .and_then(|agent| policy::load(&agent.policy).ok())
+        .and_then(|policy| policy::compile(&policy, &Capacities::default()).ok());
+    let source = |tag: u32| match compiled.as_ref().and_then(|c| c.identities.get(&tag)) {
+        Some(id) => id.to_string(),
+        None if tag == identity::UNKNOWN => "unknown".to_owned(),
+        None => format!("identity {tag}"),
+    };
+    let service = |id: u32| match compiled.as_ref().and_then(|c| c.services.get(&id)) {
+        Some(name) => name.clone(),
+        None if id == service::NONE => "unknown".to_owned(),
+        None => format!("service {id}"),
+    };
+    inspection
+        .counters
+        .iter()
+        .map(|(&(tag, id, reason), &(packets, bytes))| CounterLine {
+            source: source(tag),
+            service: service(id),
+            verdict: if reason.allows() { "allow" } else { "deny" },
+            reason: reason.name(),
+            packets,
+            bytes,
+        })
+        .collect()
 }
 
 /// Detaches and unpins everything under `bpffs`, once no agent runs there,
@@ -104,6 +159,16 @@ impl fmt::Display for Report {
                 )?,
                 None => writeln!(f, "  {:<18} {:>8}   array", map.name, map.capacity)?,
             }
+        }
+        if !self.counters.is_empty() {
+            writeln!(f, "counters:")?;
+        }
+        for line in &self.counters {
+            writeln!(
+                f,
+                "  {} -> {}: {} {} {} packets, {} bytes",
+                line.source, line.service, line.verdict, line.reason, line.packets, line.bytes
+            )?;
         }
         Ok(())
     }

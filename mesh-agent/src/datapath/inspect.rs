@@ -1,11 +1,13 @@
 //! What a pinned datapath looks like from outside, for `mesh-agent status`:
 //! read from the pins alone, with no programs loaded.
 
-use aya::maps::{Array, Map, MapData, MapType};
+use aya::maps::{Array, Map, MapData, MapType, PerCpuHashMap};
 use mesh_common::{config, maps};
 use serde::Serialize;
 
-use super::{DatapathError, Hook, Pins, map_error, pin::ALL_MAPS, sys};
+use super::{
+    Counters, DatapathError, Hook, Pins, map_error, pin::ALL_MAPS, sys, traffic::sum_counters,
+};
 
 /// How full one map is; `entries` is `None` for arrays, which are always
 /// full.
@@ -23,6 +25,8 @@ pub struct Inspection {
     pub maps: Vec<MapFill>,
     /// Pinned links: interface and hook.
     pub links: Vec<(String, &'static str)>,
+    #[serde(skip)]
+    pub counters: Counters,
 }
 
 /// Reads the pins under `pins`; an error if there are none.
@@ -62,6 +66,11 @@ pub fn inspect(pins: &Pins) -> Result<Inspection, DatapathError> {
             capacity: info.max_entries(),
         });
     }
+    let counters = {
+        let map =
+            Map::from_map_data(open(pins, maps::COUNTERS)?).map_err(map_error(maps::COUNTERS))?;
+        sum_counters(PerCpuHashMap::try_from(map).map_err(map_error(maps::COUNTERS))?)?
+    };
     let links = pins
         .links()?
         .into_iter()
@@ -71,6 +80,7 @@ pub fn inspect(pins: &Pins) -> Result<Inspection, DatapathError> {
         state,
         maps: fills,
         links,
+        counters,
     })
 }
 

@@ -21,21 +21,7 @@ impl Datapath {
             .ebpf
             .map(maps::COUNTERS)
             .ok_or(DatapathError::MissingMap(maps::COUNTERS))?;
-        let counters: PerCpuHashMap<_, CounterKey, CounterValue> =
-            PerCpuHashMap::try_from(map).map_err(map_error(maps::COUNTERS))?;
-        let mut sums = Counters::new();
-        for entry in counters.iter() {
-            let (key, values) = entry.map_err(map_error(maps::COUNTERS))?;
-            let Some(reason) = Reason::from_u8(key.reason) else {
-                continue;
-            };
-            let sum = sums.entry((key.identity, key.service, reason)).or_default();
-            for value in values.iter() {
-                sum.0 += value.packets;
-                sum.1 += value.bytes;
-            }
-        }
-        Ok(sums)
+        sum_counters(PerCpuHashMap::try_from(map).map_err(map_error(maps::COUNTERS))?)
     }
 
     /// Forgets flows, first-fragment verdicts, rate-limit buckets and
@@ -59,6 +45,25 @@ impl Datapath {
             .map_mut(name)
             .ok_or(DatapathError::MissingMap(name))
     }
+}
+
+/// Sums a counters map over the CPUs.
+pub(super) fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    counters: PerCpuHashMap<T, CounterKey, CounterValue>,
+) -> Result<Counters, DatapathError> {
+    let mut sums = Counters::new();
+    for entry in counters.iter() {
+        let (key, values) = entry.map_err(map_error(maps::COUNTERS))?;
+        let Some(reason) = Reason::from_u8(key.reason) else {
+            continue;
+        };
+        let sum = sums.entry((key.identity, key.service, reason)).or_default();
+        for value in values.iter() {
+            sum.0 += value.packets;
+            sum.1 += value.bytes;
+        }
+    }
+    Ok(sums)
 }
 
 fn clear<K: aya::Pod, V: aya::Pod>(
