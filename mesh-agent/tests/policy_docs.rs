@@ -87,3 +87,13 @@ fn example_policy_is_valid() {
     let policy = policy::load(&repo_file("examples/policy.toml")).unwrap();
     assert_eq!(policy.summary(), "4 identities, 3 services, 4 grants");
 }
+
+#[test]
+fn demo_policies_are_valid() {
+    for (file, summary) in [
+        ("examples/demo/policy.toml", "2 identities, 1 service, 1 grant"),
+        ("examples/demo/policy-updated.toml", "2 identities, 1 service, 2 grants"),
+    ] {
+        assert_eq!(policy::load(&repo_file(file)).unwrap().summary(), summary, "{file}");
+    }
+}

@@ -9,6 +9,7 @@ pub mod pcap;
 
 use std::{
     fs::File,
+    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -260,4 +261,42 @@ pub fn one_udp_grant(client: Ipv4Addr, service: SocketAddr, granted: bool) -> Po
         },
         grant_limits: vec![GrantLimits::default()],
     }
+}
+
+/// Accepts connections on `addr` in `ns` and echoes one message on each,
+/// on a thread that lives as long as the test process.
+pub fn tcp_echo_server(ns: &NetNs, addr: SocketAddr) -> Result<()> {
+    let listener = ns.enter(|| std::net::TcpListener::bind(addr))??;
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0u8; 64];
+            if let Ok(n) = stream.read(&mut buf) {
+                let _ = stream.write_all(&buf[..n]);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Whether a TCP connection from `from` (in `ns`) to `to` opens and echoes
+/// a message back, within `patience` for each step.
+pub fn tcp_echo_works(
+    ns: &NetNs,
+    from: Ipv4Addr,
+    to: SocketAddr,
+    patience: Duration,
+) -> Result<bool> {
+    let connected = ns.enter(|| -> std::io::Result<std::net::TcpStream> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::from((from, 0)).into())?;
+        socket.connect_timeout(&to.into(), patience)?;
+        Ok(socket.into())
+    })?;
+    let Ok(mut stream) = connected else {
+        return Ok(false);
+    };
+    stream.set_read_timeout(Some(patience))?;
+    stream.write_all(b"hello")?;
+    let mut buf = [0u8; 5];
+    Ok(stream.read_exact(&mut buf).is_ok() && &buf == b"hello")
 }

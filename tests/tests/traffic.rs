@@ -5,8 +5,7 @@
 //! flow gets back to the client.
 
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     thread,
     time::Duration,
@@ -15,7 +14,7 @@ use std::{
 use aya::programs::{TcAttachType, XdpMode};
 use mesh_agent::datapath::{Clock, Datapath, GrantLimits, PolicyEntries, PortBlock, Prefix};
 use mesh_common::proto;
-use mesh_tests::{NetNs, VethEnd, require_root, veth_pair};
+use mesh_tests::{NetNs, VethEnd, require_root, tcp_echo_server, tcp_echo_works, veth_pair};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const ROUTER_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 254);
@@ -106,32 +105,6 @@ fn topology() -> anyhow::Result<Topology> {
     })
 }
 
-/// Accepts connections on `port` in `ns` and echoes one message on each,
-/// for as long as the listener lives in the returned thread.
-fn tcp_echo_server(ns: &NetNs, port: u16) -> anyhow::Result<()> {
-    let listener = ns.enter(|| TcpListener::bind((SERVER, port)))??;
-    thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let mut buf = [0u8; 64];
-            if let Ok(n) = stream.read(&mut buf) {
-                let _ = stream.write_all(&buf[..n]);
-            }
-        }
-    });
-    Ok(())
-}
-
-fn tcp_echo_works(ns: &NetNs, port: u16) -> anyhow::Result<bool> {
-    let target = SocketAddr::from((SERVER, port));
-    let Ok(Ok(mut stream)) = ns.enter(|| TcpStream::connect_timeout(&target, PATIENCE)) else {
-        return Ok(false);
-    };
-    stream.set_read_timeout(Some(PATIENCE))?;
-    stream.write_all(b"hello")?;
-    let mut buf = [0u8; 5];
-    Ok(stream.read_exact(&mut buf).is_ok() && &buf == b"hello")
-}
-
 /// Sends one datagram to `port` and waits for the server's answer.
 fn udp_round_trip(client: &NetNs, server: &NetNs, port: u16) -> anyhow::Result<bool> {
     let responder = server.enter(|| UdpSocket::bind((SERVER, port)))??;
@@ -193,14 +166,24 @@ fn learnt_path_mtu(client: &NetNs) -> anyhow::Result<u32> {
 fn real_traffic_through_xdp_ingress_and_tc_egress() -> anyhow::Result<()> {
     require_root();
     let net = topology()?;
-    tcp_echo_server(&net.server, 443)?;
-    tcp_echo_server(&net.server, 444)?;
+    tcp_echo_server(&net.server, SocketAddr::from((SERVER, 443)))?;
+    tcp_echo_server(&net.server, SocketAddr::from((SERVER, 444)))?;
     let ping =
         |client: &NetNs| client.exec_succeeds("ping", &["-c", "1", "-W", "1", &SERVER.to_string()]);
 
     // Without mesh everything works.
-    assert!(tcp_echo_works(&net.client, 443)?);
-    assert!(tcp_echo_works(&net.client, 444)?);
+    assert!(tcp_echo_works(
+        &net.client,
+        CLIENT,
+        SocketAddr::from((SERVER, 443)),
+        PATIENCE
+    )?);
+    assert!(tcp_echo_works(
+        &net.client,
+        CLIENT,
+        SocketAddr::from((SERVER, 444)),
+        PATIENCE
+    )?);
     assert!(udp_round_trip(&net.client, &net.server, 54)?);
     assert!(ping(&net.client)?);
 
@@ -214,10 +197,23 @@ fn real_traffic_through_xdp_ingress_and_tc_egress() -> anyhow::Result<()> {
     })??;
 
     assert!(
-        tcp_echo_works(&net.client, 443)?,
+        tcp_echo_works(
+            &net.client,
+            CLIENT,
+            SocketAddr::from((SERVER, 443)),
+            PATIENCE
+        )?,
         "granted TCP flow and its replies"
     );
-    assert!(!tcp_echo_works(&net.client, 444)?, "ungranted TCP port");
+    assert!(
+        !tcp_echo_works(
+            &net.client,
+            CLIENT,
+            SocketAddr::from((SERVER, 444)),
+            PATIENCE
+        )?,
+        "ungranted TCP port"
+    );
     assert!(
         udp_round_trip(&net.client, &net.server, 53)?,
         "granted UDP and its reply"
@@ -237,7 +233,12 @@ fn real_traffic_through_xdp_ingress_and_tc_egress() -> anyhow::Result<()> {
         datapath.detach(attachment)?;
     }
     assert!(
-        tcp_echo_works(&net.client, 444)?,
+        tcp_echo_works(
+            &net.client,
+            CLIENT,
+            SocketAddr::from((SERVER, 444)),
+            PATIENCE
+        )?,
         "detached: everything works again"
     );
     Ok(())

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use crate::{
     cmd::{self, output, step},
-    setup,
+    demo, setup,
 };
 
 /// Prefix of the network namespaces the test harness creates.
@@ -21,16 +21,34 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     setup::run()?;
 
     remove_stale_namespaces()?;
+    unmount_stale_bpffs()?;
     step("formatting");
     cmd::run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
     step("clippy (userspace crates, warnings are errors)");
     cmd::run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    step("the demo");
+    demo::show()?;
     step("unit, kernel and integration tests");
     cmd::run(
         Command::new("cargo")
             .args(["nextest", "run", "--no-fail-fast"])
             .args(&options.filter),
     )
+}
+
+/// Private bpffs mounts (`mesh-bpffs-*`) left by a killed test process.
+fn unmount_stale_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for mountpoint in mounts
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter(|path| path.contains("/mesh-bpffs-"))
+    {
+        step(&format!("unmounting stale test bpffs {mountpoint}"));
+        cmd::run(Command::new("umount").arg(mountpoint))?;
+        let _ = std::fs::remove_dir(mountpoint);
+    }
+    Ok(())
 }
 
 /// Namespaces left by a test process that was killed before its guards ran.
