@@ -91,9 +91,19 @@ fn example_policy_is_valid() {
 #[test]
 fn demo_policies_are_valid() {
     for (file, summary) in [
-        ("examples/demo/policy.toml", "2 identities, 1 service, 1 grant"),
-        ("examples/demo/policy-updated.toml", "2 identities, 1 service, 2 grants"),
+        (
+            "examples/demo/policy.toml",
+            "2 identities, 1 service, 1 grant",
+        ),
+        (
+            "examples/demo/policy-updated.toml",
+            "2 identities, 1 service, 2 grants",
+        ),
     ] {
-        assert_eq!(policy::load(&repo_file(file)).unwrap().summary(), summary, "{file}");
+        assert_eq!(
+            policy::load(&repo_file(file)).unwrap().summary(),
+            summary,
+            "{file}"
+        );
     }
 }
