@@ -3,17 +3,15 @@
 //! client namespace. Each test has its own namespaces, bpffs and state.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use mesh_agent::agent::AgentStatus;
-use mesh_tests::{BpfFs, NetNs, VethEnd, require_root, udp_delivered, veth_pair};
+use mesh_tests::{BpfFs, CLIENT, ClientServer, NetNs, SERVER, require_root, udp_delivered};
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 const PACKETS: usize = 10;
 const PATIENCE: Duration = Duration::from_millis(500);
 
@@ -52,20 +50,7 @@ struct Node {
 impl Node {
     fn new() -> anyhow::Result<Self> {
         require_root();
-        let client = NetNs::new()?;
-        let server = NetNs::new()?;
-        veth_pair(
-            &VethEnd {
-                ns: &client,
-                name: "veth-c",
-                addr: CLIENT,
-            },
-            &VethEnd {
-                ns: &server,
-                name: "veth-s",
-                addr: SERVER,
-            },
-        )?;
+        let ClientServer { client, server } = ClientServer::new()?;
         let node = Self {
             client,
             server,

@@ -206,6 +206,51 @@ pub fn veth_pair(a: &VethEnd, b: &VethEnd) -> Result<()> {
     Ok(())
 }
 
+/// The client of [`ClientServer`], on `veth-c`.
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The server of [`ClientServer`], on `veth-s`.
+pub const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+
+/// The smallest topology: a client and a server namespace joined by a veth
+/// pair, `veth-c` at [`CLIENT`] and `veth-s` at [`SERVER`].
+pub struct ClientServer {
+    pub client: NetNs,
+    pub server: NetNs,
+}
+
+impl ClientServer {
+    pub fn new() -> Result<Self> {
+        let client = NetNs::new()?;
+        let server = NetNs::new()?;
+        veth_pair(
+            &VethEnd {
+                ns: &client,
+                name: "veth-c",
+                addr: CLIENT,
+            },
+            &VethEnd {
+                ns: &server,
+                name: "veth-s",
+                addr: SERVER,
+            },
+        )?;
+        Ok(Self { client, server })
+    }
+
+    /// How many of `count` UDP datagrams from the client reach the server's
+    /// `port`, waiting at most `patience` after the last.
+    pub fn udp_delivered(&self, port: u16, count: usize, patience: Duration) -> Result<usize> {
+        udp_delivered(
+            &self.client,
+            CLIENT,
+            &self.server,
+            SocketAddr::from((SERVER, port)),
+            count,
+            patience,
+        )
+    }
+}
+
 /// Sends `count` UDP datagrams from `from` (in namespace `from_ns`) to
 /// `to:port` (in `to_ns`) and returns how many arrived. Waits at most
 /// `patience` after the last send for stragglers.

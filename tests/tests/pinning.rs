@@ -4,16 +4,11 @@
 //! flows and takes over the links without a gap; unpinning everything lets
 //! traffic flow as if mesh had never been there.
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use mesh_agent::datapath::{Clock, Datapath, Hook, MapSizes, Pins, unpin_all};
-use mesh_tests::{BpfFs, NetNs, VethEnd, one_udp_grant, require_root, udp_delivered, veth_pair};
+use mesh_tests::{BpfFs, CLIENT, ClientServer, SERVER, one_udp_grant, require_root};
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 const PACKETS: usize = 10;
 const PATIENCE: Duration = Duration::from_secs(1);
 
@@ -22,25 +17,12 @@ fn enforcement_survives_the_datapath_and_is_adopted() -> anyhow::Result<()> {
     require_root();
     let bpffs = BpfFs::mount()?;
     let pins = Pins::new(bpffs.path().join("mesh"));
-    let client = NetNs::new()?;
-    let server = NetNs::new()?;
-    veth_pair(
-        &VethEnd {
-            ns: &client,
-            name: "veth-c",
-            addr: CLIENT,
-        },
-        &VethEnd {
-            ns: &server,
-            name: "veth-s",
-            addr: SERVER,
-        },
-    )?;
+    let net = ClientServer::new()?;
     let granted = SocketAddr::from((SERVER, 7000));
     let other = SocketAddr::from((SERVER, 7001));
-    let delivered = |to| udp_delivered(&client, CLIENT, &server, to, PACKETS, PATIENCE);
+    let delivered = |to: SocketAddr| net.udp_delivered(to.port(), PACKETS, PATIENCE);
     let attach = |datapath: &mut Datapath| {
-        server.enter(|| -> anyhow::Result<()> {
+        net.server.enter(|| -> anyhow::Result<()> {
             datapath.attach_pinned(&pins, "veth-s", Hook::Xdp)?;
             datapath.attach_pinned(&pins, "veth-s", Hook::TcEgress)?;
             Ok(())

@@ -3,17 +3,12 @@
 //! granted flow passes, it stops when a new policy drops the grant, and
 //! traffic flows again once the program is detached.
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use aya::programs::XdpMode;
 use mesh_agent::datapath::{Clock, Datapath};
-use mesh_tests::{NetNs, VethEnd, one_udp_grant, require_root, udp_delivered, veth_pair};
+use mesh_tests::{CLIENT, ClientServer, SERVER, one_udp_grant, require_root};
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 const PORT: u16 = 7000;
 const PACKETS: usize = 20;
 const PATIENCE: Duration = Duration::from_secs(2);
@@ -21,28 +16,17 @@ const PATIENCE: Duration = Duration::from_secs(2);
 #[test]
 fn xdp_enforces_policy_until_detached() -> anyhow::Result<()> {
     require_root();
-    let client = NetNs::new()?;
-    let server = NetNs::new()?;
-    veth_pair(
-        &VethEnd {
-            ns: &client,
-            name: "veth-c",
-            addr: CLIENT,
-        },
-        &VethEnd {
-            ns: &server,
-            name: "veth-s",
-            addr: SERVER,
-        },
-    )?;
+    let net = ClientServer::new()?;
     let target = SocketAddr::from((SERVER, PORT));
-    let delivered = || udp_delivered(&client, CLIENT, &server, target, PACKETS, PATIENCE);
+    let delivered = || net.udp_delivered(PORT, PACKETS, PATIENCE);
 
     assert_eq!(delivered()?, PACKETS, "baseline: no program attached");
 
     let mut datapath = Datapath::load()?;
     datapath.install(&one_udp_grant(CLIENT, target, true), &Clock::now()?)?;
-    let link = server.enter(|| datapath.attach_xdp("veth-s", XdpMode::default()))??;
+    let link = net
+        .server
+        .enter(|| datapath.attach_xdp("veth-s", XdpMode::default()))??;
     assert_eq!(delivered()?, PACKETS, "attached, flow granted");
 
     datapath.install(&one_udp_grant(CLIENT, target, false), &Clock::now()?)?;
