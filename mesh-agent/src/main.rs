@@ -60,6 +60,14 @@ struct RunArgs {
     /// The hook for arriving packets.
     #[arg(long, value_enum, default_value_t)]
     ingress: agent::Ingress,
+    /// Where to serve Prometheus metrics (/metrics) and health (/healthz,
+    /// /readyz).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_listen: std::net::SocketAddr,
+    /// Most (source, service, verdict, reason) series in the metrics; the
+    /// rest are summed under source and service "other".
+    #[arg(long, default_value_t = 10_000)]
+    metrics_max_series: usize,
     #[command(flatten)]
     places: Places,
 }
@@ -130,6 +138,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir: args.places.state_dir,
                 bpffs: args.places.bpffs,
                 sizes: MapSizes::default(),
+                metrics_listen: args.metrics_listen,
+                metrics_max_series: args.metrics_max_series,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -13,7 +13,21 @@ use anyhow::{Context as _, bail};
 use crate::cmd::{self, output, step, workspace_root};
 
 /// Debian packages the tests and the demo use.
-const APT_PACKAGES: &[&str] = &["iproute2", "iputils-ping"];
+/// The VM suites need qemu, busybox, kmod (depmod), xz-utils and
+/// wireguard-tools; the benchmarks nftables and netsniff-ng (trafgen); the
+/// metrics tests prometheus (the server and promtool).
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "xz-utils",
+    "wireguard-tools",
+    "nftables",
+    "netsniff-ng",
+    "prometheus",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The nightly's bundled LLVM major version; bpf-linker's cargo feature names it.
 const LLVM_MAJOR: &str = "22";

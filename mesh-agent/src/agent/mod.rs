@@ -11,7 +11,12 @@ mod report;
 mod status;
 mod watch;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
 
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::signal::unix::{SignalKind, signal};
@@ -24,6 +29,7 @@ pub use self::{
 };
 use crate::{
     datapath::{self, Clock, Datapath, DatapathError, Hook, MapSizes, Pins},
+    metrics::{self, Metrics, Names},
     policy::{self, Capacities, CompileError, LoadError},
 };
 
@@ -45,6 +51,11 @@ pub struct Options {
     /// The agent's own folder on a bpffs, holding its pins.
     pub bpffs: PathBuf,
     pub sizes: MapSizes,
+    /// Where to serve /metrics, /healthz and /readyz.
+    pub metrics_listen: SocketAddr,
+    /// Most (source, service, verdict, reason) series exported; the rest
+    /// are summed under source and service `other`.
+    pub metrics_max_series: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +83,10 @@ pub enum AgentError {
     },
     #[error("waiting for signals and file changes")]
     Events(#[source] std::io::Error),
+    #[error("setting up metrics")]
+    Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    MetricsListen(std::io::Error),
 }
 
 /// Changes to the policy file closer together than this are applied once.
@@ -92,6 +107,10 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
         })?;
     }
     let _lock = AgentLock::take(&options.bpffs)?;
+    let metrics = Metrics::new(options.bpffs.clone(), options.metrics_max_series)?;
+    let listener = metrics::bind(options.metrics_listen)
+        .await
+        .map_err(AgentError::MetricsListen)?;
     let pins = Pins::new(&options.bpffs);
     let datapath = Datapath::load_pinned(&pins, options.sizes)?;
     let adopted = datapath.state()? != 0;
@@ -108,6 +127,7 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
         options,
         datapath,
         pins,
+        metrics: metrics.clone(),
     };
     // The policy goes in before the interfaces are touched: a first start
     // with a bad policy leaves them alone. An adopted datapath keeps its
@@ -124,6 +144,7 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
     agent.attach()?;
     agent.save_status();
 
+    let _serving = AbortOnDrop(tokio::spawn(metrics::serve(listener, metrics)));
     let events = |source| AgentError::Events(source);
     let mut hangup = signal(SignalKind::hangup()).map_err(events)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(events)?;
@@ -155,11 +176,39 @@ struct Agent {
     datapath: Datapath,
     pins: Pins,
     status: AgentStatus,
+    metrics: Arc<Metrics>,
+}
+
+/// Stops the metrics server when the agent stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Agent {
-    /// Loads, compiles and installs the policy file.
+    /// Loads, compiles and installs the policy file, and counts the attempt.
     fn apply(&mut self) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let result = self.install_policy_file();
+        let outcome = if result.is_ok() {
+            "applied"
+        } else {
+            "rejected"
+        };
+        self.metrics.reloads.with_label_values(&[outcome]).inc();
+        if result.is_ok() {
+            self.metrics
+                .apply_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics.ready.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn install_policy_file(&mut self) -> Result<(), AgentError> {
         let path = &self.options.policy;
         let policy = policy::load(path)?;
         let capacities = Capacities::from(&self.options.sizes);
@@ -169,6 +218,14 @@ impl Agent {
                 source,
             })?;
         self.datapath.install(&compiled.entries, &Clock::now()?)?;
+        *self.metrics.names.lock().unwrap_or_else(|e| e.into_inner()) = Names {
+            identities: compiled
+                .identities
+                .iter()
+                .map(|(tag, id)| (*tag, id.to_string()))
+                .collect(),
+            services: compiled.services.clone(),
+        };
         let reloads = self
             .status
             .applied
