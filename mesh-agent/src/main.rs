@@ -30,6 +30,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print flow events (denied packets and new flows) from the flow log.
+    Flows {
+        /// Keep printing new events as they come.
+        #[arg(long)]
+        follow: bool,
+        /// Only this verdict.
+        #[arg(long, value_parser = ["allow", "deny"])]
+        verdict: Option<String>,
+        /// Only this source identity (a SPIFFE ID).
+        #[arg(long)]
+        source: Option<String>,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// The flow log [default: STATE_DIR/flows.jsonl].
+        #[arg(long)]
+        flow_log: Option<PathBuf>,
+        /// The agent's state folder.
+        #[arg(long, default_value = "/var/lib/mesh")]
+        state_dir: PathBuf,
+    },
     /// Detach and unpin everything the agent made; traffic then flows as if
     /// mesh had never been there. Refused while an agent runs.
     Teardown {
@@ -68,6 +89,17 @@ struct RunArgs {
     /// rest are summed under source and service "other".
     #[arg(long, default_value_t = 10_000)]
     metrics_max_series: usize,
+    /// Where flow events (denied packets, new flows) go as JSON lines: a
+    /// file, or - for stdout [default: STATE_DIR/flows.jsonl].
+    #[arg(long)]
+    flow_log: Option<PathBuf>,
+    /// Flow events the kernel passes on per second, sustained; the rest are
+    /// counted in mesh_events_lost_total.
+    #[arg(long, default_value_t = 10_000)]
+    flow_events_rate: u32,
+    /// Flow events the kernel passes on at once.
+    #[arg(long, default_value_t = 1_000)]
+    flow_events_burst: u32,
     #[command(flatten)]
     places: Places,
 }
@@ -104,6 +136,9 @@ enum PolicyCommand {
     },
 }
 
+/// The flow log's name in the state folder.
+const FLOW_LOG: &str = "flows.jsonl";
+
 fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     OffsetDateTime::parse(text, &Rfc3339)
         .map(SystemTime::from)
@@ -135,11 +170,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 policy: args.policy,
                 interfaces: args.interfaces,
                 ingress: args.ingress,
-                state_dir: args.places.state_dir,
+                state_dir: args.places.state_dir.clone(),
                 bpffs: args.places.bpffs,
                 sizes: MapSizes::default(),
                 metrics_listen: args.metrics_listen,
                 metrics_max_series: args.metrics_max_series,
+                flow_log: args
+                    .flow_log
+                    .unwrap_or_else(|| args.places.state_dir.join(FLOW_LOG)),
+                flow_events_rate: args.flow_events_rate,
+                flow_events_burst: args.flow_events_burst,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -153,6 +193,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{report}");
             }
+        }
+        Command::Flows {
+            follow,
+            verdict,
+            source,
+            service,
+            flow_log,
+            state_dir,
+        } => {
+            let path = flow_log.unwrap_or_else(|| state_dir.join(FLOW_LOG));
+            let filter = agent::FlowFilter {
+                verdict,
+                source,
+                service,
+            };
+            agent::show_flows(&path, &filter, follow, &mut std::io::stdout().lock())?;
         }
         Command::Teardown { places } => {
             agent::teardown(&places.state_dir, &places.bpffs)?;

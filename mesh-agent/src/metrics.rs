@@ -15,8 +15,8 @@ use std::{
 
 use mesh_common::{Reason, identity, maps, service};
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -47,6 +47,7 @@ pub struct Metrics {
     map_capacity: IntGaugeVec,
     pub reloads: IntCounterVec,
     pub apply_seconds: Histogram,
+    events_lost: IntCounter,
     /// Kernel counter totals already added to the exported counters, by
     /// exported label set: the kernel's are absolute, Prometheus's grow.
     exported: Mutex<HashMap<[String; 4], (u64, u64)>>,
@@ -104,6 +105,10 @@ impl Metrics {
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ]),
         )?;
+        let events_lost = IntCounter::new(
+            "mesh_events_lost_total",
+            "Flow events the kernel dropped: over its rate limit, or the ring was full.",
+        )?;
         let build = IntGaugeVec::new(
             Opts::new("mesh_build_info", "The agent's version."),
             &["version"],
@@ -118,6 +123,7 @@ impl Metrics {
             Box::new(map_capacity.clone()),
             Box::new(reloads.clone()),
             Box::new(apply_seconds.clone()),
+            Box::new(events_lost.clone()),
             Box::new(build),
         ] {
             registry.register(collector)?;
@@ -132,6 +138,7 @@ impl Metrics {
             map_capacity,
             reloads,
             apply_seconds,
+            events_lost,
             exported: Mutex::default(),
             max_series,
             pins: Pins::new(bpffs),
@@ -158,6 +165,11 @@ impl Metrics {
                 }
             }
             self.export_counters(&inspection.counters);
+            // The kernel's count is absolute; the counter only grows.
+            let lost = inspection
+                .events_lost
+                .saturating_sub(self.events_lost.get());
+            self.events_lost.inc_by(lost);
         }
         let mut out = Vec::new();
         // Encoding into memory cannot fail for these metric types.

@@ -100,8 +100,13 @@ impl Node {
     }
 
     fn start_agent(&self) -> anyhow::Result<Agent> {
+        self.start_agent_with(&[])
+    }
+
+    fn start_agent_with(&self, extra: &[&str]) -> anyhow::Result<Agent> {
         let child = self
             .run_command()?
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
@@ -505,5 +510,83 @@ fn a_real_prometheus_scrapes_the_agent() -> anyhow::Result<()> {
         answer.contains(&format!(r#""{}"]"#, PACKETS - 1)),
         "Prometheus saw: {answer}"
     );
+    Ok(())
+}
+
+/// The flow log's lines `mesh-agent flows` prints with `filter` (flags).
+fn flows(node: &Node, filter: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .args(["flows", "--state-dir"])
+        .arg(node.state_dir())
+        .args(filter)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?)
+}
+
+#[test]
+fn flow_events_name_denials_and_new_flows_and_a_flood_only_costs_events() -> anyhow::Result<()> {
+    let node = Node::new()?;
+    let _agent =
+        node.start_agent_with(&["--flow-events-rate", "20", "--flow-events-burst", "40"])?;
+    assert_eq!(node.delivered(7000)?, PACKETS);
+    assert_eq!(node.delivered(7001)?, 0);
+
+    let client = [
+        "--source",
+        "spiffe://acme.internal/agent/client",
+        "--service",
+        "server",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut allowed, mut denied) = (Vec::new(), Vec::new());
+    while Instant::now() < deadline && (allowed.is_empty() || denied.len() < PACKETS) {
+        allowed = flows(&node, &[&client[..], &["--verdict", "allow"]].concat())?;
+        denied = flows(&node, &[&client[..], &["--verdict", "deny"]].concat())?;
+    }
+    assert_eq!(
+        allowed.len(),
+        1,
+        "one event for the new flow, none for its other packets: {allowed:?}"
+    );
+    assert_eq!(allowed[0]["reason"], "grant");
+    assert_eq!(allowed[0]["dport"], 7000);
+    assert_eq!(allowed[0]["src"], CLIENT.to_string());
+    assert_eq!(
+        denied.len(),
+        PACKETS,
+        "one event per denied packet: {denied:?}"
+    );
+    assert!(
+        denied
+            .iter()
+            .all(|event| event["reason"] == "no-grant" && event["dport"] == 7001)
+    );
+
+    // A flood of denied packets, far over the event limit: the events are
+    // lost and counted, the datapath judges on.
+    const FLOOD: usize = 2000;
+    assert_eq!(
+        udp_delivered(
+            &node.client,
+            CLIENT,
+            &node.server,
+            SocketAddr::from((SERVER, 7002)),
+            FLOOD,
+            PATIENCE
+        )?,
+        0
+    );
+    assert_eq!(node.delivered(7000)?, PACKETS, "granted traffic unaffected");
+    let response = http_get(&node.server, METRICS, "/metrics")?;
+    let lost = sample(&response, "mesh_events_lost_total", &[]).unwrap_or_default();
+    assert!(lost >= (FLOOD - 100) as f64, "lost events: {lost}");
     Ok(())
 }

@@ -39,6 +39,12 @@ pub mod maps {
     pub const LAST_VERDICT: &str = "LAST_VERDICT";
     /// Per-CPU scratch space of the programs (the parsed packet).
     pub const SCRATCH: &str = "SCRATCH";
+    /// `RingBuf` of [`FlowEvent`]s: denied packets and admitted flows.
+    pub const EVENTS: &str = "EVENTS";
+    /// `Array<u64>`: the event rate limit's theoretical arrival time (GCRA).
+    pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
+    /// `PerCpuArray<u64>`: events lost to the rate limit or a full ring.
+    pub const EVENTS_LOST: &str = "EVENTS_LOST";
 }
 
 /// Names of the programs in the object file.
@@ -60,8 +66,14 @@ pub mod config {
     /// Nanoseconds on the boot clock to use instead of the real clock, or 0.
     /// Only replay and tests set it, on their own private copy of the maps.
     pub const CLOCK_OVERRIDE: u32 = 1;
+    /// Nanoseconds between flow events at the sustained rate, or 0 for the
+    /// default ([`super::events::DEFAULT_INTERVAL_NS`]).
+    pub const EVENT_INTERVAL: u32 = 2;
+    /// How far ahead of now the event bucket may run, in nanoseconds:
+    /// (burst − 1) × interval; 0 for the default.
+    pub const EVENT_TOLERANCE: u32 = 3;
     /// Entries in the array.
-    pub const LEN: u32 = 2;
+    pub const LEN: u32 = 4;
 
     /// The generation bit of a state word.
     #[inline(always)]
@@ -365,6 +377,36 @@ pub struct Verdict {
 }
 const _: () = assert!(core::mem::size_of::<Verdict>() == 16);
 
+/// One flow event: a denied packet or a newly admitted flow, as the kernel
+/// saw it. Addresses in the 16-byte form; ports as on the wire, in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// Boot-clock nanoseconds.
+    pub time_ns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub identity: u32,
+    pub service: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub reason: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
+
+/// Flow event limits: a token bucket in the kernel, so that a flood of
+/// denied packets cannot flood userspace.
+pub mod events {
+    /// 10,000 events a second...
+    pub const DEFAULT_INTERVAL_NS: u64 = 100_000;
+    /// ...and up to 1,000 at once.
+    pub const DEFAULT_TOLERANCE_NS: u64 = 999 * DEFAULT_INTERVAL_NS;
+    /// Bytes of the ring buffer (a power of two).
+    pub const RING_BYTES: u32 = 1 << 20;
+}
+
 /// Idle timeouts of live flows, in nanoseconds.
 pub mod timeouts {
     const SECOND: u64 = 1_000_000_000;
@@ -414,4 +456,5 @@ mod pod {
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for Verdict {}
+    unsafe impl aya::Pod for FlowEvent {}
 }

@@ -3,12 +3,12 @@
 use crate::parse::Packet;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use mesh_common::{
     AddrKey, BucketKey, CounterKey, CounterValue, DestinationClass, FlowKey, FlowValue,
     FragmentKey, FragmentValue, GrantInfo, GrantKey, GrantRefs, IdentityValue, PortKey,
-    ServiceSlot, Verdict, capacity, config,
+    ServiceSlot, Verdict, capacity, config, events,
 };
 
 #[map]
@@ -61,3 +61,12 @@ pub static LAST_VERDICT: PerCpuArray<Verdict> = PerCpuArray::with_max_entries(1,
 /// Per-CPU scratch space for the parsed packet (internal to the programs).
 #[map]
 pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(events::RING_BYTES, 0);
+
+#[map]
+pub static EVENT_BUCKET: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

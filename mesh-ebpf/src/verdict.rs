@@ -2,9 +2,9 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 use mesh_common::{
-    ADDR_BITS, AddrKey, BucketKey, CounterKey, CounterValue, FlowKey, FlowValue, FragmentKey,
-    FragmentValue, GEN_BITS, GRANTS_PER_KEY, GrantInfo, GrantKey, PORT_KEY_FIXED_BITS, PortKey,
-    Reason, Verdict, config, flow, identity, proto, service, timeouts,
+    ADDR_BITS, AddrKey, BucketKey, CounterKey, CounterValue, FlowEvent, FlowKey, FlowValue,
+    FragmentKey, FragmentValue, GEN_BITS, GRANTS_PER_KEY, GrantInfo, GrantKey, PORT_KEY_FIXED_BITS,
+    PortKey, Reason, Verdict, config, events, flow, identity, proto, service, timeouts,
 };
 
 use crate::{
@@ -49,7 +49,71 @@ struct Direction<'a> {
 pub fn run<F: Frame>(frame: &F, l2: bool) -> bool {
     let outcome = judge(frame, l2);
     account(&outcome, frame.len());
+    if outcome.reason == Reason::Grant || !outcome.reason.allows() {
+        report(&outcome);
+    }
     outcome.reason.allows()
+}
+
+/// A flow event for a denied packet or a new flow, within the event rate
+/// limit; otherwise, or if the ring is full, the loss is counted.
+#[inline(never)]
+fn report(outcome: &Outcome) {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if !take_event_token(now) {
+        count_lost_event();
+        return;
+    }
+    let (Some(packet), Some(mut entry)) = (SCRATCH.get_ptr(0), EVENTS.reserve::<FlowEvent>(0))
+    else {
+        count_lost_event();
+        return;
+    };
+    // SAFETY: this CPU's own scratch slot, filled by this packet's parse.
+    let packet = unsafe { &*packet };
+    entry.write(FlowEvent {
+        time_ns: now,
+        src: packet.src,
+        dst: packet.dst,
+        identity: outcome.identity,
+        service: outcome.service,
+        sport: packet.sport,
+        dport: packet.dport,
+        proto: packet.proto,
+        reason: outcome.reason as u8,
+        _pad: [0; 2],
+    });
+    entry.submit(0);
+}
+
+/// GCRA over all CPUs (unlocked: a race lets an event or two more through).
+#[inline(always)]
+fn take_event_token(now: u64) -> bool {
+    let setting = |index, default| match config_word(index) {
+        0 => default,
+        value => value,
+    };
+    let interval = setting(config::EVENT_INTERVAL, events::DEFAULT_INTERVAL_NS);
+    let tolerance = setting(config::EVENT_TOLERANCE, events::DEFAULT_TOLERANCE_NS);
+    let Some(tat) = EVENT_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a map value; concurrent writers only skew the limit.
+    let tat = unsafe { &mut *tat };
+    if *tat > now.saturating_add(tolerance) {
+        return false;
+    }
+    *tat = if *tat > now { *tat } else { now } + interval;
+    true
+}
+
+#[inline(always)]
+fn count_lost_event() {
+    if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
+        // SAFETY: this CPU's own slot.
+        unsafe { *lost += 1 };
+    }
 }
 
 #[inline(always)]

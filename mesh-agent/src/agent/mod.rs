@@ -5,6 +5,7 @@
 //! rejected whole and the previous one keeps enforcing. On SIGTERM the agent
 //! exits and enforcement stays, pinned, until `mesh-agent teardown`.
 
+mod flows;
 mod lock;
 mod preflight;
 mod report;
@@ -22,6 +23,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use self::{
+    flows::{FlowFilter, FlowRecord, show_flows},
     lock::{AgentLock, LockError},
     preflight::PreflightError,
     report::{Report, status, teardown},
@@ -56,6 +58,11 @@ pub struct Options {
     /// Most (source, service, verdict, reason) series exported; the rest
     /// are summed under source and service `other`.
     pub metrics_max_series: usize,
+    /// Where flow events go, as JSON lines: a file, or `-` for stdout.
+    pub flow_log: PathBuf,
+    /// The kernel's flow event limit: sustained per second, and at once.
+    pub flow_events_rate: u32,
+    pub flow_events_burst: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +119,14 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
         .await
         .map_err(AgentError::MetricsListen)?;
     let pins = Pins::new(&options.bpffs);
-    let datapath = Datapath::load_pinned(&pins, options.sizes)?;
+    let mut datapath = Datapath::load_pinned(&pins, options.sizes)?;
+    datapath.set_event_rate(options.flow_events_rate, options.flow_events_burst)?;
+    let events = datapath.take_events()?;
+    let sink = flows::open_sink(&options.flow_log).map_err(|source| AgentError::Io {
+        what: "opening the flow log",
+        path: options.flow_log.clone(),
+        source,
+    })?;
     let adopted = datapath.state()? != 0;
     if adopted {
         tracing::info!(bpffs = %options.bpffs.display(), "adopted the pinned datapath");
@@ -129,6 +143,7 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
         pins,
         metrics: metrics.clone(),
     };
+    let flow_metrics = metrics.clone();
     // The policy goes in before the interfaces are touched: a first start
     // with a bad policy leaves them alone. An adopted datapath keeps its
     // policy enforcing whatever the file says now.
@@ -144,6 +159,11 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
     agent.attach()?;
     agent.save_status();
 
+    let _flow_log = AbortOnDrop(tokio::spawn(async move {
+        if let Err(err) = flows::write_flow_log(events, flow_metrics, sink).await {
+            tracing::error!(error = %err, "flow log stopped");
+        }
+    }));
     let _serving = AbortOnDrop(tokio::spawn(metrics::serve(listener, metrics)));
     let events = |source| AgentError::Events(source);
     let mut hangup = signal(SignalKind::hangup()).map_err(events)?;

@@ -1,7 +1,7 @@
 //! What a pinned datapath looks like from outside, for `mesh-agent status`:
 //! read from the pins alone, with no programs loaded.
 
-use aya::maps::{Array, Map, MapData, MapType, PerCpuHashMap};
+use aya::maps::{Array, Map, MapData, MapType, PerCpuArray, PerCpuHashMap};
 use mesh_common::{config, maps};
 use serde::Serialize;
 
@@ -27,6 +27,8 @@ pub struct Inspection {
     pub links: Vec<(String, &'static str)>,
     #[serde(skip)]
     pub counters: Counters,
+    /// Flow events the kernel dropped: over the rate limit or a full ring.
+    pub events_lost: u64,
 }
 
 /// Reads the pins under `pins`; an error if there are none.
@@ -40,11 +42,18 @@ pub fn inspect(pins: &Pins) -> Result<Inspection, DatapathError> {
             .map_err(map_error(maps::CONFIG))?
     };
     let mut fills = Vec::new();
-    // The programs' own scratch space is no business of an operator's.
-    for name in ALL_MAPS
-        .into_iter()
-        .filter(|&name| name != maps::SCRATCH && name != maps::LAST_VERDICT)
-    {
+    // The programs' own scratch space and event plumbing are no business
+    // of an operator's fill levels.
+    for name in ALL_MAPS.into_iter().filter(|&name| {
+        ![
+            maps::SCRATCH,
+            maps::LAST_VERDICT,
+            maps::EVENTS,
+            maps::EVENT_BUCKET,
+            maps::EVENTS_LOST,
+        ]
+        .contains(&name)
+    }) {
         let data = open(pins, name)?;
         let info = data.info().map_err(map_error(name))?;
         let is_array = matches!(info.map_type(), Ok(MapType::Array | MapType::PerCpuArray));
@@ -66,6 +75,16 @@ pub fn inspect(pins: &Pins) -> Result<Inspection, DatapathError> {
             capacity: info.max_entries(),
         });
     }
+    let events_lost = {
+        let map = Map::from_map_data(open(pins, maps::EVENTS_LOST)?)
+            .map_err(map_error(maps::EVENTS_LOST))?;
+        let lost: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(map).map_err(map_error(maps::EVENTS_LOST))?;
+        lost.get(&0, 0)
+            .map_err(map_error(maps::EVENTS_LOST))?
+            .iter()
+            .sum()
+    };
     let counters = {
         let map =
             Map::from_map_data(open(pins, maps::COUNTERS)?).map_err(map_error(maps::COUNTERS))?;
@@ -81,6 +100,7 @@ pub fn inspect(pins: &Pins) -> Result<Inspection, DatapathError> {
         maps: fills,
         links,
         counters,
+        events_lost,
     })
 }
 

@@ -3,6 +3,7 @@
 //! them with BPF_PROG_TEST_RUN. The layout is described in docs/datapath.md.
 
 mod entries;
+mod events;
 mod inspect;
 mod install;
 mod pin;
@@ -21,6 +22,7 @@ use aya::{
     util::KernelVersion,
 };
 pub use entries::{Clock, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate};
+pub use events::parse_event;
 pub use inspect::{Inspection, MapFill, inspect};
 use mesh_common::{config, maps, programs};
 pub use pin::{Hook, Pins, unpin_all};

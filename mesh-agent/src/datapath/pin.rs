@@ -20,7 +20,7 @@ use mesh_common::maps;
 use super::{Attachment, Datapath, DatapathError};
 
 /// Every map the programs declare, in the order they are pinned.
-pub(super) const ALL_MAPS: [&str; 14] = [
+pub(super) const ALL_MAPS: [&str; 17] = [
     maps::CONFIG,
     maps::IDENTITY_HOSTS,
     maps::IDENTITY_PREFIXES,
@@ -35,6 +35,9 @@ pub(super) const ALL_MAPS: [&str; 14] = [
     maps::COUNTERS,
     maps::LAST_VERDICT,
     maps::SCRATCH,
+    maps::EVENTS,
+    maps::EVENT_BUCKET,
+    maps::EVENTS_LOST,
 ];
 
 /// Where an attachment hooks in.
