@@ -449,6 +449,8 @@ fn metrics_count_every_packet_exactly_and_pass_promtool() -> anyhow::Result<()> 
     );
     assert_eq!(sample(text, "mesh_build_info", &[]), Some(1.0));
 
+    assert_dashboard_uses_only(text)?;
+
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -588,5 +590,39 @@ fn flow_events_name_denials_and_new_flows_and_a_flood_only_costs_events() -> any
     let response = http_get(&node.server, METRICS, "/metrics")?;
     let lost = sample(&response, "mesh_events_lost_total", &[]).unwrap_or_default();
     assert!(lost >= (FLOOD - 100) as f64, "lost events: {lost}");
+    Ok(())
+}
+
+/// The Grafana dashboard in deploy/ queries only metrics in `exposition`.
+fn assert_dashboard_uses_only(exposition: &str) -> anyhow::Result<()> {
+    let exported: Vec<&str> = exposition
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/mesh-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|panel| panel["targets"].as_array().into_iter().flatten())
+        .filter_map(|target| target["expr"].as_str())
+        .collect();
+    assert!(!exprs.is_empty());
+    for expr in exprs {
+        let used: Vec<&str> = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("mesh_"))
+            .collect();
+        assert!(!used.is_empty(), "{expr}");
+        for metric in used {
+            let base = metric.trim_end_matches("_bucket");
+            assert!(
+                exported.contains(&base),
+                "{metric} in `{expr}` is not exported"
+            );
+        }
+    }
     Ok(())
 }
