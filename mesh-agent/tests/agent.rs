@@ -626,3 +626,34 @@ fn assert_dashboard_uses_only(exposition: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn metrics_series_past_the_cap_fold_into_other() -> anyhow::Result<()> {
+    let node = Node::new()?;
+    let _agent = node.start_agent_with(&["--metrics-max-series", "2"])?;
+    assert_eq!(node.delivered(7000)?, PACKETS);
+    assert_eq!(node.delivered(7001)?, 0);
+    let response = http_get(&node.server, METRICS, "/metrics")?;
+    let named: Vec<&str> = response
+        .lines()
+        .filter(|line| {
+            line.starts_with("mesh_packets_total{") && !line.contains(r#"source="other""#)
+        })
+        .collect();
+    assert!(named.len() <= 2, "{named:?}");
+    let folded = response
+        .lines()
+        .filter(|line| {
+            line.starts_with("mesh_packets_total{") && line.contains(r#"source="other""#)
+        })
+        .count();
+    assert!(folded >= 1, "{response}");
+    // Nothing is lost by folding: the totals still add up.
+    let total: f64 = response
+        .lines()
+        .filter(|line| line.starts_with("mesh_packets_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(total >= (2 * PACKETS) as f64, "{response}");
+    Ok(())
+}
