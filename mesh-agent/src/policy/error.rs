@@ -86,13 +86,20 @@ impl fmt::Display for PolicyError {
 /// Collects the problems found in one text, placing each by its byte span.
 pub(super) struct Diagnostics<'t> {
     text: &'t str,
+    /// Byte offset of the start of every line, so that placing a span is a
+    /// binary search rather than a scan of the text before it.
+    line_starts: Vec<usize>,
     errors: Vec<PolicyError>,
 }
 
 impl<'t> Diagnostics<'t> {
     pub fn new(text: &'t str) -> Self {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(newline, _)| newline + 1))
+            .collect();
         Self {
             text,
+            line_starts,
             errors: Vec::new(),
         }
     }
@@ -131,12 +138,11 @@ impl<'t> Diagnostics<'t> {
     }
 
     fn position(&self, offset: usize) -> (usize, usize) {
-        let before = &self.text[..self.text.floor_char_boundary(offset)];
-        let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
-        (
-            before.matches('\n').count() + 1,
-            before[line_start..].chars().count() + 1,
-        )
+        let offset = self.text.floor_char_boundary(offset);
+        // The last line starting at or before `offset`.
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        let line_start = self.line_starts[line - 1];
+        (line, self.text[line_start..offset].chars().count() + 1)
     }
 }
 

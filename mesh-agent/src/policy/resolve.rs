@@ -19,10 +19,11 @@ use super::{
 pub(super) fn resolve(draft: Draft, diag: &mut Diagnostics) -> Option<Policy> {
     let identities = identities(draft.identities, draft.trust_domain.as_ref(), diag);
     let services = services(draft.services, diag);
+    let index = Index::new(&identities, &services);
     let grants = draft
         .grants
         .into_iter()
-        .map(|grant| resolve_grant(grant, &identities, &services, diag))
+        .map(|grant| resolve_grant(grant, &index, &services, diag))
         .collect();
     Some(Policy {
         trust_domain: draft.trust_domain?,
@@ -33,6 +34,38 @@ pub(super) fn resolve(draft: Draft, diag: &mut Diagnostics) -> Option<Policy> {
             .collect(),
         grants,
     })
+}
+
+/// Identities and services by what grants name them by, so that resolving
+/// grants costs time in proportion to the grants, not grants × identities.
+struct Index<'p> {
+    by_id: HashMap<&'p SpiffeId, usize>,
+    by_label: HashMap<(&'p str, &'p str), Vec<usize>>,
+    services: HashMap<&'p str, usize>,
+}
+
+impl<'p> Index<'p> {
+    fn new(identities: &'p [Identity], services: &'p [Declared]) -> Self {
+        let mut by_label: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+        for (index, identity) in identities.iter().enumerate() {
+            for (key, value) in &identity.labels {
+                by_label.entry((key, value)).or_default().push(index);
+            }
+        }
+        Self {
+            by_id: identities
+                .iter()
+                .enumerate()
+                .map(|(index, identity)| (&identity.id, index))
+                .collect(),
+            by_label,
+            services: services
+                .iter()
+                .enumerate()
+                .map(|(index, d)| (d.service.name.as_str(), index))
+                .collect(),
+        }
+    }
 }
 
 fn identities(
@@ -108,6 +141,7 @@ struct Declared {
 fn services(drafts: Vec<DraftService>, diag: &mut Diagnostics) -> Vec<Declared> {
     // The services claiming each prefix so far, as indices into `services`.
     let mut claims: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    let mut first_lines: HashMap<String, usize> = HashMap::new();
     let mut services: Vec<Declared> = Vec::new();
     for DraftService {
         name,
@@ -117,12 +151,12 @@ fn services(drafts: Vec<DraftService>, diag: &mut Diagnostics) -> Vec<Declared> 
     {
         let Some(name) = name else { continue };
         let (span, name) = (name.span(), name.into_inner());
-        if let Some(first) = services.iter().find(|first| first.service.name == name) {
-            let first = first.line;
+        if let Some(&first) = first_lines.get(&name) {
             diag.report(span, Problem::DuplicateService { name, first });
             continue;
         }
         let line = diag.line(span);
+        first_lines.insert(name.clone(), line);
         let addresses = unique(addresses);
         let port_set: PortSet = ports.items.iter().map(|spec| *spec.get_ref()).collect();
         if ports.valid {
@@ -160,20 +194,17 @@ fn services(drafts: Vec<DraftService>, diag: &mut Diagnostics) -> Vec<Declared> 
 
 fn resolve_grant(
     draft: DraftGrant,
-    identities: &[Identity],
+    index: &Index,
     services: &[Declared],
     diag: &mut Diagnostics,
 ) -> Grant {
     let from = unique(draft.from.items);
-    let sources = sources(&from, identities, diag);
+    let sources = sources(&from, index, diag);
     // Checking `ports` against the services takes knowing all of them.
     let mut targets_known = draft.to.valid;
     let mut targets = Vec::new();
     for name in &draft.to.items {
-        match services
-            .iter()
-            .position(|d| d.service.name == *name.get_ref())
-        {
+        match index.services.get(name.get_ref().as_str()).copied() {
             Some(index) => {
                 targets_known &= services[index].ports_known;
                 if !targets.contains(&index) {
@@ -222,22 +253,21 @@ fn resolve_grant(
     }
 }
 
-fn sources(from: &[Spanned<Selector>], identities: &[Identity], diag: &mut Diagnostics) -> Sources {
+fn sources(from: &[Spanned<Selector>], index: &Index, diag: &mut Diagnostics) -> Sources {
     let mut any = false;
     let mut selected = Vec::new();
     for selector in from {
         match selector.get_ref() {
             Selector::Any => any = true,
-            Selector::Id(id) => match identities.iter().position(|identity| identity.id == *id) {
-                Some(index) => selected.push(index),
+            Selector::Id(id) => match index.by_id.get(id) {
+                Some(&identity) => selected.push(identity),
                 None => diag.report(selector.span(), Problem::UndeclaredIdentity(id.clone())),
             },
             Selector::Label { key, value } => {
                 let before = selected.len();
-                selected.extend(
-                    (0..identities.len())
-                        .filter(|&index| identities[index].labels.get(key) == Some(value)),
-                );
+                if let Some(labelled) = index.by_label.get(&(key.as_str(), value.as_str())) {
+                    selected.extend(labelled);
+                }
                 if selected.len() == before {
                     let problem = Problem::SelectsNothing(selector.get_ref().to_string());
                     diag.report(selector.span(), problem);
