@@ -1,9 +1,11 @@
 //! Project automation: `cargo xtask setup | test | demo`.
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +25,12 @@ enum Command {
     Test(test::Options),
     /// Setup, then show mesh at work in network namespaces (needs root).
     Demo,
+    /// Setup, then measure per-packet cost, drop throughput, policy apply
+    /// times and memory (needs root).
+    Bench(bench::Options),
+    /// Run the kernel-facing suites in QEMU VMs on Debian's 6.1, 6.12 and
+    /// 7.3 kernels.
+    Vm(vm::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,5 +38,7 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Test(options) => test::run(&options),
         Command::Demo => demo::run(),
+        Command::Bench(options) => bench::run(&options),
+        Command::Vm(options) => vm::run(&options),
     }
 }

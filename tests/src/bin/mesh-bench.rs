@@ -1,0 +1,1008 @@
+//! The benchmarks behind `cargo xtask bench`: per-packet cost with
+//! BPF_PROG_TEST_RUN, drop throughput on a veth pair against nftables, policy
+//! apply times and memory. docs/performance.md describes the method.
+//!
+//! `mesh-bench [--quick] RESULTS_JSON` prints a table on stdout, progress on
+//! stderr, and writes the figures to RESULTS_JSON. `MESH_AGENT` names the
+//! mesh-agent binary (xtask builds it and sets it). Needs root.
+
+use std::{
+    collections::HashSet,
+    fmt::Write as _,
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use aya::programs::{ProgramFd, XdpMode};
+use ipnet::Ipv4Net;
+use mesh_agent::{
+    agent::AgentStatus,
+    datapath::{Clock, Datapath, Entry, MapSizes, PolicyEntries},
+    policy::{self, Capacities, Grant, Identity, Policy, Selector, Sources, SpiffeId},
+};
+use mesh_common::programs;
+use mesh_tests::{
+    BpfFs, NetNs, VethEnd,
+    packet::{Packet, TCP_ACK, TCP_SYN},
+    tcp_echo_server, tcp_echo_works, veth_pair,
+};
+use serde_json::json;
+
+/// Runs per BPF_PROG_TEST_RUN call; the kernel reports the mean.
+const REPEAT: u32 = 1_000_000;
+/// Test runs per figure; the median is kept.
+const ROUNDS: usize = 5;
+/// The one service: `api` on 443/tcp (granted) and 8443/tcp (never granted).
+const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const GRANTED_PORT: u16 = 443;
+const UNGRANTED_PORT: u16 = 8443;
+/// The other end of the veth pairs.
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// Identity `i` sends from this address plus `i`: 100.64.0.0/10 holds 4M.
+const FIRST_IDENTITY: u32 = u32::from_be_bytes([100, 64, 0, 0]);
+/// An identity that the one-grant change grants.
+const NEWCOMER: Ipv4Addr = Ipv4Addr::new(100, 127, 0, 1);
+/// A source that is no identity: what the throughput runs send.
+const STRANGER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The packet builder's destination MAC: the receiving veth takes it, so the
+/// stack accepts the frames as its own and netfilter sees them.
+const RECEIVER_MAC: &str = "02:00:00:00:00:02";
+/// Source ports a new flow may use; with the identity, they make flows distinct.
+const PORTS: std::ops::Range<u32> = 1024..65535;
+/// The established and denied packets' source port, outside [`PORTS`].
+const MEMBER_PORT: u16 = 1000;
+const THROUGHPUT_IDENTITIES: u32 = 10_000;
+/// The agent parses its policy file, which is slow beyond a few thousand
+/// grants today: the one-grant change runs at this size.
+const AGENT_GRANTS: u32 = 1_000;
+const MEMORY_GRANTS: u32 = 100_000;
+
+/// What one run measures, and for how long.
+struct Plan {
+    cost_grants: &'static [u32],
+    apply_grants: &'static [u32],
+    /// Distinct new flows timed for `new_flow` (fewer where the policy has
+    /// too few identities for that many distinct flows).
+    new_flows: u32,
+    /// Counting time per throughput figure, after a warm-up.
+    window: Duration,
+}
+
+const QUICK: Plan = Plan {
+    cost_grants: &[10, 10_000, 100_000],
+    apply_grants: &[1_000, 100_000],
+    new_flows: 200_000,
+    window: Duration::from_secs(2),
+};
+
+const FULL: Plan = Plan {
+    cost_grants: &[10, 10_000, 100_000, 1_000_000],
+    apply_grants: &[1_000, 100_000, 1_000_000],
+    new_flows: 1_000_000,
+    window: Duration::from_secs(5),
+};
+
+struct Record {
+    metric: String,
+    value: f64,
+    unit: &'static str,
+    grants: Option<u32>,
+}
+
+#[derive(Default)]
+struct Results(Vec<Record>);
+
+impl Results {
+    fn add(
+        &mut self,
+        metric: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        grants: Option<u32>,
+    ) {
+        let record = Record {
+            metric: metric.into(),
+            value,
+            unit,
+            grants,
+        };
+        eprintln!("    {}", row(&record));
+        self.0.push(record);
+    }
+
+    fn get(&self, metric: &str, grants: Option<u32>) -> Option<f64> {
+        self.0
+            .iter()
+            .find(|r| r.metric == metric && r.grants == grants)
+            .map(|r| r.value)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut quick = false;
+    let mut out = None;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            _ => out = Some(PathBuf::from(arg)),
+        }
+    }
+    let out = out.context("usage: mesh-bench [--quick] RESULTS_JSON")?;
+    let mesh_agent = PathBuf::from(
+        std::env::var_os("MESH_AGENT")
+            .context("MESH_AGENT must name the mesh-agent binary (`cargo xtask bench` sets it)")?,
+    );
+    let plan = if quick { &QUICK } else { &FULL };
+    let machine = machine();
+    step(&format!("machine: {machine}"));
+
+    let mut results = Results::default();
+    memory(&mut results)?;
+    cost(plan, &mut results)?;
+    apply(plan, &mut results)?;
+    throughput(plan, &mut results)?;
+    agent(&mesh_agent, &mut results)?;
+
+    print_table(&machine, &results);
+    print_goals(plan, &results);
+    let json = json!({
+        "machine": machine,
+        "results": results.0.iter().map(|r| {
+            let mut record = json!({"metric": r.metric, "value": r.value, "unit": r.unit});
+            if let Some(grants) = r.grants {
+                record["grants"] = json!(grants);
+            }
+            record
+        }).collect::<Vec<_>>(),
+    });
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    step(&format!("results written to {}", out.display()));
+    Ok(())
+}
+
+fn step(message: &str) {
+    eprintln!("==> {message}");
+}
+
+// ---------------------------------------------------------------- policies
+
+fn identity_addr(index: u32) -> Ipv4Addr {
+    Ipv4Addr::from(FIRST_IDENTITY + index)
+}
+
+/// `grants` identities, each granted `api` on 443/tcp, and the newcomer,
+/// granted too if `newcomer_granted`.
+fn policy_text(grants: u32, newcomer_granted: bool) -> String {
+    let mut text = String::from(
+        "version = 1\ntrust_domain = \"bench\"\n\n\
+         [[service]]\nname = \"api\"\naddresses = [\"10.0.0.1/32\"]\nports = [\"443/tcp\", \"8443/tcp\"]\n\n\
+         [[identity]]\nid = \"spiffe://bench/newcomer\"\naddresses = [\"100.127.0.1/32\"]\n\n",
+    );
+    for i in 0..grants {
+        let addr = identity_addr(i);
+        write!(
+            text,
+            "[[identity]]\nid = \"spiffe://bench/a{i}\"\naddresses = [\"{addr}/32\"]\n\n\
+             [[grant]]\nfrom = [\"spiffe://bench/a{i}\"]\nto = [\"api\"]\nports = [\"443/tcp\"]\n\n"
+        )
+        .expect("writing to a String");
+    }
+    if newcomer_granted {
+        text.push_str(
+            "[[grant]]\nfrom = [\"spiffe://bench/newcomer\"]\nto = [\"api\"]\nports = [\"443/tcp\"]\n",
+        );
+    }
+    text
+}
+
+/// The policy of [`policy_text`], built in memory: the parser takes time
+/// quadratic in the number of grants (docs/performance.md), so large
+/// policies copy the identity and the grant of a parsed one-grant policy.
+fn bench_policy(grants: u32, newcomer_granted: bool) -> anyhow::Result<Policy> {
+    let mut policy = policy::parse("bench.toml", &policy_text(1, newcomer_granted))
+        .map_err(|errors| anyhow!("{errors}"))?;
+    let (member, member_grant) = (policy.identities.pop(), policy.grants.remove(0));
+    let (member, newcomer_grant) = (member.context("no member")?, policy.grants.pop());
+    for i in 0..grants {
+        let id: SpiffeId = format!("spiffe://bench/a{i}").parse()?;
+        let index = policy.identities.len();
+        policy.identities.push(Identity {
+            id: id.clone(),
+            addresses: vec![Ipv4Net::new(identity_addr(i), 32)?.into()],
+            ..member.clone()
+        });
+        policy.grants.push(Grant {
+            from: vec![Selector::Id(id)],
+            sources: Sources::Identities(vec![index]),
+            ..member_grant.clone()
+        });
+    }
+    policy.grants.extend(newcomer_grant);
+    Ok(policy)
+}
+
+fn compile(policy: &Policy, sizes: &MapSizes) -> anyhow::Result<PolicyEntries> {
+    Ok(policy::compile(policy, &Capacities::from(sizes))?.entries)
+}
+
+/// Maps big enough for two generations of `grants` grants and `flows` flows.
+fn sizes_for(grants: u32, flows: u32) -> MapSizes {
+    let defaults = MapSizes::default();
+    let twice = 2 * (grants + 1);
+    MapSizes {
+        identity_hosts: defaults.identity_hosts.max(twice),
+        grants: defaults.grants.max(twice),
+        grant_info: defaults.grant_info.max(twice),
+        flows: defaults.flows.max(flows),
+        ..defaults
+    }
+}
+
+// ----------------------------------------------------- per-packet cost
+
+fn tcp(from: Ipv4Addr, sport: u16, port: u16, flags: u8) -> Vec<u8> {
+    Packet::tcp(from.into(), sport, SERVICE.into(), port, flags).bytes()
+}
+
+fn cost(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
+    let empty_xdp = bpf::load_constant(bpf::PROG_TYPE_XDP, XDP_PASS, "bench_empty_xdp")?;
+    let empty_tc = bpf::load_constant(bpf::PROG_TYPE_SCHED_CLS, TC_ACT_OK, "bench_empty_tc")?;
+    for &grants in plan.cost_grants {
+        let new_flows = plan.new_flows.min(grants * PORTS.len() as u32);
+        step(&format!("per-packet cost at {grants} grants"));
+        let sizes = sizes_for(grants, new_flows);
+        let mut datapath = Datapath::load_with(sizes)?;
+        let clock = Clock::now()?;
+        // One fixed instant: no flow idles out while the runs repeat it.
+        datapath.set_clock(clock.boot_ns)?;
+        datapath.install(&compile(&bench_policy(grants, false)?, &sizes)?, &clock)?;
+
+        let member = identity_addr(grants / 2);
+        let opening = tcp(member, MEMBER_PORT, GRANTED_PORT, TCP_SYN);
+        let established = tcp(member, MEMBER_PORT, GRANTED_PORT, TCP_ACK);
+        let denied = tcp(member, MEMBER_PORT, UNGRANTED_PORT, TCP_SYN);
+        // Distinct flows of every identity in turn, source ports counting up.
+        let new_flows_frames = || {
+            (0..new_flows).map(|n| {
+                let sport = PORTS.start + n / grants;
+                tcp(
+                    identity_addr(n % grants),
+                    sport as u16,
+                    GRANTED_PORT,
+                    TCP_SYN,
+                )
+            })
+        };
+        for (entry, name, empty, program, (pass, drop)) in [
+            (
+                Entry::Xdp,
+                "xdp",
+                &empty_xdp,
+                programs::XDP,
+                (XDP_PASS, XDP_DROP),
+            ),
+            (
+                Entry::Tc,
+                "tc",
+                &empty_tc,
+                programs::TC,
+                (TC_ACT_OK, TC_ACT_SHOT),
+            ),
+        ] {
+            let mesh = own_program(program)?;
+            let metric = |case: &str| format!("cost.{name}.{case}.ns");
+            let opened = datapath.test_run(entry, &opening)?;
+            ensure!(opened.pass, "the granted flow was refused: {opened:?}");
+
+            let empty_ns = median_ns(empty.as_fd(), &established, None)?;
+            results.add(metric("empty"), empty_ns, "ns", Some(grants));
+            let established_ns = median_ns(mesh.as_fd(), &established, Some(pass))?;
+            results.add(metric("established"), established_ns, "ns", Some(grants));
+            // A repeated frame is a new flow only once, so each new flow is
+            // one run of its own. The kernel then times a single run, which
+            // adds the cost of reading its clock: measured on the empty
+            // program, and taken off.
+            let timer_ns =
+                single_runs_ns(empty.as_fd(), new_flows_frames().take(100_000), None)? - empty_ns;
+            let new_flow_ns = single_runs_ns(mesh.as_fd(), new_flows_frames(), Some(pass))?;
+            results.add(
+                metric("new_flow"),
+                new_flow_ns - timer_ns,
+                "ns",
+                Some(grants),
+            );
+            let denied_ns = median_ns(mesh.as_fd(), &denied, Some(drop))?;
+            results.add(metric("denied"), denied_ns, "ns", Some(grants));
+            // The next entry point meets the same flows as new again.
+            datapath.forget_traffic()?;
+        }
+    }
+    Ok(())
+}
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+/// The median over [`ROUNDS`] of the mean time of [`REPEAT`] runs of `frame`,
+/// checking the program's return code if `expect` says one.
+fn median_ns(
+    program: std::os::fd::BorrowedFd,
+    frame: &[u8],
+    expect: Option<u32>,
+) -> anyhow::Result<f64> {
+    let mut means = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let run = bpf::test_run(program, frame, REPEAT)?;
+        if let Some(expected) = expect {
+            ensure!(
+                run.retval == expected,
+                "returned {} rather than {expected}",
+                run.retval
+            );
+        }
+        means.push(run.duration_ns);
+    }
+    means.sort_unstable();
+    Ok(f64::from(means[ROUNDS / 2]))
+}
+
+/// The mean kernel-timed duration of one run each of `frames`.
+fn single_runs_ns(
+    program: std::os::fd::BorrowedFd,
+    frames: impl Iterator<Item = Vec<u8>>,
+    expect: Option<u32>,
+) -> anyhow::Result<f64> {
+    let (mut total, mut runs) = (0u64, 0u64);
+    for frame in frames {
+        let run = bpf::test_run(program, &frame, 1)?;
+        if let Some(expected) = expect {
+            ensure!(
+                run.retval == expected,
+                "a new flow returned {} rather than {expected}",
+                run.retval
+            );
+        }
+        total += u64::from(run.duration_ns);
+        runs += 1;
+    }
+    Ok(total as f64 / runs as f64)
+}
+
+/// This process's program `name`: the one the live `Datapath` loaded, not
+/// another process's of the same name.
+fn own_program(name: &str) -> anyhow::Result<ProgramFd> {
+    let ours: HashSet<u64> = bpf_fdinfo("self", "prog")?
+        .iter()
+        .filter_map(|info| fdinfo_field(info, "prog_id"))
+        .collect();
+    for info in aya::programs::loaded_programs() {
+        let info = info?;
+        if ours.contains(&u64::from(info.id())) && info.name_as_str() == Some(name) {
+            return Ok(info.fd()?);
+        }
+    }
+    bail!("program {name} is not loaded by this process")
+}
+
+/// The fdinfo of each `anon_inode:bpf-KIND` descriptor of process `pid`.
+fn bpf_fdinfo(pid: &str, kind: &str) -> anyhow::Result<Vec<String>> {
+    let target = format!("anon_inode:bpf-{kind}");
+    let mut infos = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        if fs::read_link(entry.path()).is_ok_and(|link| link.as_os_str() == target.as_str()) {
+            let fd = entry.file_name();
+            // The descriptor may be closed meanwhile: skip it.
+            if let Ok(info) = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.display())) {
+                infos.push(info);
+            }
+        }
+    }
+    Ok(infos)
+}
+
+fn fdinfo_field(info: &str, key: &str) -> Option<u64> {
+    info.lines().find_map(|line| {
+        line.strip_prefix(key)?
+            .strip_prefix(':')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// BPF_PROG_LOAD and BPF_PROG_TEST_RUN by hand: aya loads programs only from
+/// an object file, and reports no test-run duration for the programs that
+/// `Datapath` owns.
+mod bpf {
+    use std::{
+        io,
+        os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    };
+
+    pub const PROG_TYPE_SCHED_CLS: u32 = 3;
+    pub const PROG_TYPE_XDP: u32 = 6;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+    /// The head of `union bpf_attr` for BPF_PROG_LOAD; the kernel zero-fills
+    /// the rest.
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+    }
+
+    /// The head of `union bpf_attr` for BPF_PROG_TEST_RUN.
+    #[repr(C)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a #[repr(C)] prefix of union bpf_attr, and the
+        // kernel reads and writes no more than the size given.
+        let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }
+
+    /// A program that returns `value` and touches nothing: the baseline.
+    pub fn load_constant(prog_type: u32, value: u32, name: &str) -> io::Result<OwnedFd> {
+        // `mov64 r0, value; exit`, each instruction one little-endian u64.
+        let insns = [0xb7 | (u64::from(value) << 32), 0x95u64];
+        let license = c"GPL";
+        let mut prog_name = [0u8; 16];
+        prog_name[..name.len()].copy_from_slice(name.as_bytes());
+        let mut attr = ProgLoad {
+            prog_type,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: 0,
+            log_size: 0,
+            log_buf: 0,
+            kern_version: 0,
+            prog_flags: 0,
+            prog_name,
+        };
+        let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+        // SAFETY: BPF_PROG_LOAD returned a new descriptor that we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    pub struct Run {
+        pub retval: u32,
+        /// Mean over the repeats, as the kernel timed them.
+        pub duration_ns: u32,
+    }
+
+    pub fn test_run(program: BorrowedFd, frame: &[u8], repeat: u32) -> io::Result<Run> {
+        let mut attr = TestRun {
+            prog_fd: program.as_raw_fd() as u32,
+            retval: 0,
+            data_size_in: frame.len() as u32,
+            data_size_out: 0,
+            data_in: frame.as_ptr() as u64,
+            data_out: 0,
+            repeat,
+            duration: 0,
+        };
+        bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+        Ok(Run {
+            retval: attr.retval,
+            duration_ns: attr.duration,
+        })
+    }
+}
+
+// ------------------------------------------------------------ policy apply
+
+fn apply(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
+    for &grants in plan.apply_grants {
+        step(&format!("applying a policy of {grants} grants"));
+        let policy = bench_policy(grants, false)?;
+        let sizes = sizes_for(grants, 0);
+        let mut datapath = Datapath::load_with(sizes)?;
+        let started = Instant::now();
+        let entries = compile(&policy, &sizes)?;
+        datapath.install(&entries, &Clock::now()?)?;
+        results.add(
+            "apply.full.seconds",
+            started.elapsed().as_secs_f64(),
+            "s",
+            Some(grants),
+        );
+    }
+    Ok(())
+}
+
+// -------------------------------------------------------------- throughput
+
+/// A child process, killed and reaped however the benchmark ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const SENDER_VETH: &str = "bench-tx";
+const RECEIVER_VETH: &str = "bench-rx";
+const NFT_TABLE: &str = "mesh_bench";
+
+fn throughput(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
+    step(&format!(
+        "drop throughput, {THROUGHPUT_IDENTITIES} identities, trafgen on one CPU, {} s per figure",
+        plan.window.as_secs()
+    ));
+    let sender = NetNs::new()?;
+    let receiver = NetNs::new()?;
+    veth_pair(
+        &VethEnd {
+            ns: &sender,
+            name: SENDER_VETH,
+            addr: PEER,
+        },
+        &VethEnd {
+            ns: &receiver,
+            name: RECEIVER_VETH,
+            addr: SERVICE,
+        },
+    )?;
+    receiver.ip(&["link", "set", RECEIVER_VETH, "address", RECEIVER_MAC])?;
+    // A stranger's SYN to the granted port: every filter drops it after
+    // looking at all it has.
+    let frame = tcp(STRANGER, 40_000, GRANTED_PORT, TCP_SYN);
+    let frame = format!(
+        "{{ {} }}",
+        frame
+            .iter()
+            .map(|b| format!("{b:#04x}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let measure = |count: &dyn Fn() -> anyhow::Result<u64>| -> anyhow::Result<f64> {
+        let mut trafgen = sender.command("trafgen")?;
+        // No tuning of socket memory or IRQ affinity: those are the host's.
+        trafgen
+            .args([
+                "--dev",
+                SENDER_VETH,
+                "--cpus",
+                "1",
+                "--no-sock-mem",
+                "--notouch-irq",
+            ])
+            .arg(&frame)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _trafgen = Running(trafgen.spawn().context("starting trafgen")?);
+        thread::sleep(Duration::from_millis(500));
+        let (before, started) = (count()?, Instant::now());
+        thread::sleep(plan.window);
+        let counted = count()? - before;
+        ensure!(counted > 0, "no packet was counted: is trafgen sending?");
+        Ok(counted as f64 / started.elapsed().as_secs_f64())
+    };
+
+    let received = || rx_packets(&receiver);
+    results.add("throughput.drop.none.pps", measure(&received)?, "pps", None);
+
+    let sizes = MapSizes::default();
+    let entries = compile(&bench_policy(THROUGHPUT_IDENTITIES, false)?, &sizes)?;
+    {
+        let mut datapath = Datapath::load_with(sizes)?;
+        datapath.install(&entries, &Clock::now()?)?;
+        receiver.enter(|| datapath.attach_xdp(RECEIVER_VETH, XdpMode::default()))??;
+        let dropped = || -> anyhow::Result<u64> {
+            Ok(datapath
+                .counters()?
+                .values()
+                .map(|(packets, _)| packets)
+                .sum())
+        };
+        let pps = measure(&dropped)?;
+        results.add(
+            "throughput.drop.mesh_xdp.pps",
+            pps,
+            "pps",
+            Some(THROUGHPUT_IDENTITIES),
+        );
+    }
+
+    for (kind, ruleset) in [
+        ("nftables_set", nft_set_ruleset()),
+        ("nftables_linear", nft_linear_ruleset()),
+    ] {
+        let file = tempfile::NamedTempFile::new()?;
+        fs::write(file.path(), ruleset)?;
+        nft(&receiver, &["-f", &file.path().to_string_lossy()])?;
+        let dropped = || nft_dropped(&receiver);
+        let pps = measure(&dropped);
+        nft(&receiver, &["delete", "table", "ip", NFT_TABLE])?;
+        results.add(
+            format!("throughput.drop.{kind}.pps"),
+            pps?,
+            "pps",
+            Some(THROUGHPUT_IDENTITIES),
+        );
+    }
+    Ok(())
+}
+
+/// A table whose prerouting chain, ahead of everything else, accepts what
+/// `rules` accept and counts and drops the rest.
+fn nft_table(declarations: &str, rules: &str) -> String {
+    format!(
+        "table ip {NFT_TABLE} {{\n  counter dropped {{}}\n{declarations}\n  chain judge {{\n    \
+         type filter hook prerouting priority raw; policy accept;\n{rules}\n    \
+         counter name \"dropped\" drop\n  }}\n}}\n"
+    )
+}
+
+/// The policy as one set of (source, destination, port) and one rule.
+fn nft_set_ruleset() -> String {
+    let elements: Vec<String> = (0..THROUGHPUT_IDENTITIES)
+        .map(|i| format!("{} . {SERVICE} . {GRANTED_PORT}", identity_addr(i)))
+        .collect();
+    let set = format!(
+        "  set granted {{\n    type ipv4_addr . ipv4_addr . inet_service\n    elements = {{ {} }}\n  }}",
+        elements.join(", ")
+    );
+    nft_table(&set, "    ip saddr . ip daddr . tcp dport @granted accept")
+}
+
+/// The policy as one rule per grant, tried in turn.
+fn nft_linear_ruleset() -> String {
+    let mut rules = String::new();
+    for i in 0..THROUGHPUT_IDENTITIES {
+        writeln!(
+            rules,
+            "    ip saddr {} ip daddr {SERVICE} tcp dport {GRANTED_PORT} accept",
+            identity_addr(i)
+        )
+        .expect("writing to a String");
+    }
+    nft_table("", &rules)
+}
+
+fn nft(ns: &NetNs, args: &[&str]) -> anyhow::Result<String> {
+    let out = ns
+        .command("nft")?
+        .args(args)
+        .output()
+        .context("running nft")?;
+    ensure!(
+        out.status.success(),
+        "nft {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn nft_dropped(ns: &NetNs) -> anyhow::Result<u64> {
+    let listing: serde_json::Value = serde_json::from_str(&nft(
+        ns,
+        &["-j", "list", "counter", "ip", NFT_TABLE, "dropped"],
+    )?)?;
+    listing["nftables"]
+        .as_array()
+        .and_then(|items| {
+            items
+                .iter()
+                .find_map(|item| item["counter"]["packets"].as_u64())
+        })
+        .context("no packet count in nft's listing of the counter")
+}
+
+fn rx_packets(ns: &NetNs) -> anyhow::Result<u64> {
+    let links: serde_json::Value =
+        serde_json::from_str(&ns.ip(&["-s", "-j", "link", "show", RECEIVER_VETH])?)?;
+    links[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .context("no rx packet count in `ip -s -j link`")
+}
+
+// ------------------------------------------------------- the agent at 100k
+
+/// `mesh-agent run` enforcing `AGENT_GRANTS` grants on a veth: its memory,
+/// and how long a one-grant change takes to reach a real connection.
+fn agent(mesh_agent: &Path, results: &mut Results) -> anyhow::Result<()> {
+    step(&format!(
+        "mesh-agent run with {AGENT_GRANTS} grants: memory and a one-grant change"
+    ));
+    let agents = NetNs::new()?;
+    let node = NetNs::new()?;
+    veth_pair(
+        &VethEnd {
+            ns: &agents,
+            name: "agents0",
+            addr: PEER,
+        },
+        &VethEnd {
+            ns: &node,
+            name: "node0",
+            addr: SERVICE,
+        },
+    )?;
+    agents.ip(&["addr", "add", &format!("{NEWCOMER}/32"), "dev", "agents0"])?;
+    node.ip(&["route", "add", &format!("{NEWCOMER}/32"), "dev", "node0"])?;
+    let api = SocketAddr::from((SERVICE, GRANTED_PORT));
+    tcp_echo_server(&node, api)?;
+
+    let bpffs = BpfFs::mount()?;
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy.toml");
+    let state = dir.path().join("state");
+    let put_policy = |text: String| -> anyhow::Result<()> {
+        // Renamed into place, as config management does.
+        let aside = dir.path().join(".policy.toml.new");
+        fs::write(&aside, text)?;
+        Ok(fs::rename(&aside, &policy)?)
+    };
+    put_policy(policy_text(AGENT_GRANTS, false))?;
+    let mut command = node.command(mesh_agent)?;
+    command
+        .arg("run")
+        .args(["--interface", "node0", "--policy"])
+        .arg(&policy)
+        .arg("--bpffs")
+        .arg(bpffs.path().join("mesh"))
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let agent = Running(command.spawn().context("starting mesh-agent")?);
+    let pid = agent.0.id();
+    wait_for_agent(&state, |status| {
+        status.pid == Some(pid) && status.applied.is_some()
+    })?;
+
+    let rss = rss_bytes(&pid.to_string())?;
+    results.add(
+        "memory.agent.rss_bytes",
+        rss as f64,
+        "bytes",
+        Some(AGENT_GRANTS),
+    );
+    let patience = Duration::from_millis(5);
+    ensure!(
+        !tcp_echo_works(&agents, NEWCOMER, api, patience)?,
+        "the newcomer connects before it is granted"
+    );
+    let changed = Instant::now();
+    put_policy(policy_text(AGENT_GRANTS, true))?;
+    while !tcp_echo_works(&agents, NEWCOMER, api, patience)? {
+        ensure!(
+            changed.elapsed() < Duration::from_secs(30),
+            "the new grant never took effect"
+        );
+    }
+    results.add(
+        "apply.change.seconds",
+        changed.elapsed().as_secs_f64(),
+        "s",
+        None,
+    );
+    Ok(())
+}
+
+fn rss_bytes(pid: &str) -> anyhow::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| kib_field(line, "VmRSS:"))
+        .map(|kib| kib * 1024)
+        .context("no VmRSS in /proc/PID/status")
+}
+
+/// `KEY  N kB` as N.
+fn kib_field(line: &str, key: &str) -> Option<u64> {
+    line.strip_prefix(key)?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}
+
+// ------------------------------------------------------------------ memory
+
+/// Kernel map memory at the default map sizes holding `MEMORY_GRANTS`
+/// grants, and what holding the policy, its compiled form and the datapath
+/// adds to this process's RSS. Run first, while the heap is still small.
+fn memory(results: &mut Results) -> anyhow::Result<()> {
+    step(&format!("memory at {MEMORY_GRANTS} grants"));
+    let before = rss_bytes("self")?;
+    let policy = bench_policy(MEMORY_GRANTS, false)?;
+    let sizes = MapSizes::default();
+    let compiled = policy::compile(&policy, &Capacities::from(&sizes))?;
+    let mut datapath = Datapath::load_with(sizes)?;
+    datapath.install(&compiled.entries, &Clock::now()?)?;
+    let added = rss_bytes("self")?.saturating_sub(before);
+    results.add(
+        "memory.agent.rss_bytes",
+        added as f64,
+        "bytes",
+        Some(MEMORY_GRANTS),
+    );
+    let map_bytes: u64 = bpf_fdinfo("self", "map")?
+        .iter()
+        .filter_map(|info| fdinfo_field(info, "memlock"))
+        .sum();
+    results.add(
+        "memory.kernel.bytes",
+        map_bytes as f64,
+        "bytes",
+        Some(MEMORY_GRANTS),
+    );
+    Ok(())
+}
+
+fn wait_for_agent(state: &Path, ready: impl Fn(&AgentStatus) -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if AgentStatus::read(state).is_ok_and(|status| ready(&status)) {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    bail!("mesh-agent did not apply its policy within 60 seconds")
+}
+
+// ------------------------------------------------------------------ output
+
+fn machine() -> String {
+    let cpus = thread::available_parallelism().map_or(0, usize::from);
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
+        .map_or("unknown CPU", |(_, model)| model.trim());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_gib = meminfo
+        .lines()
+        .find_map(|line| kib_field(line, "MemTotal:"))
+        .map_or(0, |kib| kib.div_ceil(1024 * 1024));
+    format!(
+        "{cpus} × {model}, {memory_gib} GiB, Linux {}",
+        kernel.trim()
+    )
+}
+
+fn row(record: &Record) -> String {
+    let grants = record.grants.map(|g| g.to_string()).unwrap_or_default();
+    let value = if record.value >= 1000.0 || record.value.fract() == 0.0 {
+        format!("{:.0}", record.value)
+    } else {
+        format!("{:.3}", record.value)
+    };
+    format!(
+        "{:<36} {grants:>9} {value:>14} {}",
+        record.metric, record.unit
+    )
+}
+
+fn print_table(machine: &str, results: &Results) {
+    println!("\nmesh benchmarks on {machine}\n");
+    println!("{:<36} {:>9} {:>14} unit", "metric", "grants", "value");
+    for record in &results.0 {
+        println!("{}", row(record));
+    }
+}
+
+/// The issue's goals, each with the figures that decide it.
+fn print_goals(plan: &Plan, results: &Results) {
+    println!("\ngoals");
+    let goal = |what: String, met: Option<bool>| {
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
+        };
+        println!("  {verdict:<12} {what}");
+    };
+    let cost = |entry: &str, case: &str, grants: u32| {
+        results.get(&format!("cost.{entry}.{case}.ns"), Some(grants))
+    };
+    let (smallest, largest) = (
+        plan.cost_grants[0],
+        plan.cost_grants[plan.cost_grants.len() - 1],
+    );
+    for entry in ["xdp", "tc"] {
+        for (case, limit) in [("established", 3.0), ("new_flow", 8.0)] {
+            let ratio = cost(entry, case, largest)
+                .zip(cost(entry, "empty", largest))
+                .map(|(cost, empty)| cost / empty);
+            goal(
+                format!(
+                    "{entry} {case} ≤ {limit}× empty at {largest} grants: {:.1}×",
+                    ratio.unwrap_or(f64::NAN)
+                ),
+                ratio.map(|r| r <= limit),
+            );
+        }
+        for case in ["established", "new_flow", "denied"] {
+            let ratio = cost(entry, case, largest)
+                .zip(cost(entry, case, smallest))
+                .map(|(large, small)| large / small);
+            goal(
+                format!(
+                    "{entry} {case} at {largest} grants ≤ 1.5× at {smallest}: {:.2}×",
+                    ratio.unwrap_or(f64::NAN)
+                ),
+                ratio.map(|r| r <= 1.5),
+            );
+        }
+    }
+    let pps = |kind: &str| {
+        let grants = (kind != "none").then_some(THROUGHPUT_IDENTITIES);
+        results.get(&format!("throughput.drop.{kind}.pps"), grants)
+    };
+    let mesh = pps("mesh_xdp");
+    goal(
+        "mesh XDP drops ≥ nftables with sets".to_owned(),
+        mesh.zip(pps("nftables_set")).map(|(m, s)| m >= s),
+    );
+    goal(
+        "mesh XDP drops ≥ 50× a 10k-rule linear chain".to_owned(),
+        mesh.zip(pps("nftables_linear")).map(|(m, l)| m >= 50.0 * l),
+    );
+    let full = results.get("apply.full.seconds", Some(100_000));
+    goal(
+        "100k grants applied in < 1 s".to_owned(),
+        full.map(|s| s < 1.0),
+    );
+    let change = results.get("apply.change.seconds", None);
+    goal(
+        "a one-grant change enforced in < 100 ms".to_owned(),
+        change.map(|s| s < 0.1),
+    );
+    // On a veth pair the sender bounds every figure: show each filter next
+    // to the rate without one, so no ratio above reads better than it is.
+    if let Some(unfiltered) = pps("none") {
+        println!(
+            "\nrelative to no filter ({unfiltered:.0} pps, the sender's rate into the stack):"
+        );
+        for kind in ["mesh_xdp", "nftables_set", "nftables_linear"] {
+            if let Some(rate) = pps(kind) {
+                println!("  {kind:<16} {:>5.1}%", 100.0 * rate / unfiltered);
+            }
+        }
+    }
+}
