@@ -1,0 +1,256 @@
+//! `cargo xtask vm`: the kernel-facing test suites on each supported Debian
+//! kernel, in QEMU VMs booted from an initramfs with the test binaries.
+
+mod initramfs;
+mod kernels;
+mod qemu;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{step, workspace_root};
+use initramfs::Suite;
+pub use kernels::{KERNELS, Kernel};
+use qemu::Report;
+
+/// The test binaries of mesh-tests that run in every VM: the ones that need a
+/// kernel (the others are the same on any kernel).
+const SUITES: &[&str] = &["verdicts", "xdp_slice", "traffic", "pinning", "l3"];
+/// Twice a VM's run time under TCG on a core of its own; loading the
+/// programs (the verifier) dominates it.
+const VM_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// The kernel to boot: 6.1, 6.12, 7.3, or all.
+    #[arg(long, default_value = "all")]
+    kernel: String,
+    /// Passed to every test binary to select tests.
+    #[arg(last = true)]
+    filter: Vec<String>,
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    let kernels: Vec<Kernel> = match options.kernel.as_str() {
+        "all" => KERNELS.to_vec(),
+        name => vec![*KERNELS.iter().find(|k| k.name == name).with_context(|| {
+            let names: Vec<_> = KERNELS.iter().map(|k| k.name).collect();
+            format!(
+                "no kernel {name}: choose one of {} or all",
+                names.join(", ")
+            )
+        })?],
+    };
+    matrix(&kernels, &options.filter)
+}
+
+/// Boots a VM per kernel, prints a table kernel × suite, and fails if
+/// anything failed, after saying what and where. `cargo xtask test` runs
+/// `matrix(KERNELS, &[])`.
+pub fn matrix(kernels: &[Kernel], filter: &[String]) -> anyhow::Result<()> {
+    let vm_dir = target_dir().join("vm");
+    let suites = build_suites()?;
+    let mut results: Vec<(Kernel, anyhow::Result<Report>, Duration)> = Vec::new();
+    let mut vms = Vec::new();
+    for kernel in kernels {
+        match prepare(kernel, &vm_dir, &suites, filter) {
+            Ok(vm) => vms.push((*kernel, vm)),
+            Err(err) => results.push((*kernel, Err(err), Duration::ZERO)),
+        }
+    }
+    // All VMs at once: under TCG each keeps a core busy, so more VMs than
+    // cores share them, which the timeout allows for.
+    let cores = thread::available_parallelism().map_or(1, usize::from);
+    let timeout = VM_TIMEOUT * u32::try_from(vms.len().div_ceil(cores))?;
+    thread::scope(|scope| {
+        let running: Vec<_> = vms
+            .iter()
+            .map(|(kernel, vm)| {
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    (*kernel, vm.boot(timeout), started.elapsed())
+                })
+            })
+            .collect();
+        results.extend(
+            running
+                .into_iter()
+                .map(|vm| vm.join().expect("a VM's thread panicked")),
+        );
+    });
+    results.sort_by_key(|(kernel, ..)| kernels.iter().position(|k| k == kernel));
+
+    let failures = print_table(&results);
+    if failures.is_empty() {
+        return Ok(());
+    }
+    for failure in &failures {
+        eprintln!("\n---- {failure}");
+    }
+    bail!("{} failure(s) in the VM matrix", failures.len())
+}
+
+/// Prints the table of `results`; returns what failed, with the details.
+fn print_table(results: &[(Kernel, anyhow::Result<Report>, Duration)]) -> Vec<String> {
+    let mut failures = Vec::new();
+    println!();
+    row([
+        "kernel", "release", "suite", "passed", "failed", "time", "result",
+    ]);
+    for (kernel, result, elapsed) in results {
+        let elapsed = format!("{:.1}s", elapsed.as_secs_f64());
+        let report = match result {
+            Ok(report) => report,
+            Err(err) => {
+                row([kernel.name, "-", "-", "-", "-", &elapsed, "error"]);
+                failures.push(format!("kernel {}: {err:#}", kernel.name));
+                continue;
+            }
+        };
+        for suite in &report.suites {
+            let result = match suite.status {
+                None => "did not finish",
+                Some(_) if suite.ok() => "ok",
+                Some(_) => "FAILED",
+            };
+            row([
+                kernel.name,
+                &report.release,
+                &suite.name,
+                &suite.passed.to_string(),
+                &suite.failed.len().to_string(),
+                &format!("{:.1}s", suite.seconds),
+                result,
+            ]);
+            if !suite.ok() {
+                failures.push(format!(
+                    "kernel {} ({}), suite {}, failed tests: {}\n{}",
+                    kernel.name,
+                    report.release,
+                    suite.name,
+                    suite.failed.join(", "),
+                    suite.output.trim_end()
+                ));
+            }
+        }
+        let complete = if report.done { "ok" } else { "incomplete" };
+        row([
+            kernel.name,
+            &report.release,
+            "(whole vm)",
+            "",
+            "",
+            &elapsed,
+            complete,
+        ]);
+        if !report.module_failures.is_empty() {
+            failures.push(format!(
+                "kernel {}: modules failed to load: {}",
+                kernel.name,
+                report.module_failures.join(", ")
+            ));
+        }
+        if !report.done {
+            failures.push(format!(
+                "kernel {}: the VM stopped before all suites ran",
+                kernel.name
+            ));
+        }
+    }
+    failures
+}
+
+fn row([kernel, release, suite, passed, failed, time, result]: [&str; 7]) {
+    println!("{kernel:<7} {release:<27} {suite:<10} {passed:>6} {failed:>6} {time:>8}  {result}");
+}
+
+/// A kernel and the initramfs to boot it with.
+struct Vm {
+    kernel: kernels::Unpacked,
+    initrd: PathBuf,
+    console: PathBuf,
+}
+
+/// Fetches the kernel and builds its initramfs.
+fn prepare(
+    kernel: &Kernel,
+    vm_dir: &Path,
+    suites: &[Suite],
+    filter: &[String],
+) -> anyhow::Result<Vm> {
+    let unpacked = kernels::fetch(kernel, vm_dir)?;
+    let run_dir = vm_dir.join("run").join(kernel.name);
+    fs::create_dir_all(&run_dir)?;
+    let initrd = run_dir.join("initramfs.cpio");
+    initramfs::build(&initrd, &unpacked.modules, suites, filter)?;
+    Ok(Vm {
+        kernel: unpacked,
+        initrd,
+        console: run_dir.join("console.log"),
+    })
+}
+
+impl Vm {
+    fn boot(&self, timeout: Duration) -> anyhow::Result<Report> {
+        step(&format!(
+            "booting {}; console in {}",
+            self.kernel.release,
+            self.console.display()
+        ));
+        let console = qemu::boot(&self.kernel.vmlinuz, &self.initrd, &self.console, timeout)?;
+        Ok(qemu::parse(&console))
+    }
+}
+
+/// Builds the suites' test binaries and returns where cargo put them.
+fn build_suites() -> anyhow::Result<Vec<Suite>> {
+    step("building the test binaries for the VMs");
+    let mut cargo = Command::new("cargo");
+    cargo
+        .current_dir(workspace_root())
+        .args(["test", "--no-run", "--package", "mesh-tests"])
+        .args(["--message-format", "json-render-diagnostics"]);
+    for suite in SUITES {
+        cargo.args(["--test", suite]);
+    }
+    let out = cargo.output().context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!(
+            "building the test binaries failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let suites: Vec<Suite> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .filter_map(|message| {
+            Some(Suite {
+                name: message["target"]["name"].as_str()?.to_owned(),
+                binary: PathBuf::from(message["executable"].as_str()?),
+            })
+        })
+        .filter(|suite| SUITES.contains(&suite.name.as_str()))
+        .collect();
+    if suites.len() != SUITES.len() {
+        bail!(
+            "cargo built {} of the {} test binaries",
+            suites.len(),
+            SUITES.len()
+        );
+    }
+    Ok(suites)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
