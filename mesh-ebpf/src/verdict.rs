@@ -65,8 +65,13 @@ fn report(outcome: &Outcome) {
         count_lost_event();
         return;
     }
-    let (Some(packet), Some(mut entry)) = (SCRATCH.get_ptr(0), EVENTS.reserve::<FlowEvent>(0))
-    else {
+    // The packet first: a reserved entry must be submitted or discarded on
+    // every path, which the verifier checks.
+    let Some(packet) = SCRATCH.get_ptr(0) else {
+        count_lost_event();
+        return;
+    };
+    let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         count_lost_event();
         return;
     };
@@ -508,8 +513,10 @@ fn decide(query: &Query, decision: &mut Decision) {
             service,
             slot,
         };
-        // SAFETY: copied out at once.
-        let Some(refs) = (unsafe { GRANTS.get(&key) }).copied() else {
+        // Read in place, not copied: this frame is on the deepest call
+        // chain, and every byte of stack counts there.
+        // SAFETY: a map value, read only.
+        let Some(refs) = (unsafe { GRANTS.get(&key) }) else {
             continue;
         };
         for i in 0..GRANTS_PER_KEY {
@@ -517,14 +524,14 @@ fn decide(query: &Query, decision: &mut Decision) {
                 break;
             }
             let grant = refs.grants[i];
-            let Some(info) = GRANT_INFO.get(grant).copied() else {
+            let Some(info) = GRANT_INFO.get(grant) else {
                 continue;
             };
             if now >= info.expires_ns {
                 saw_expired = true;
                 continue;
             }
-            if new_flow && info.interval_ns != 0 && !take_token(grant, source, &info, now) {
+            if new_flow && info.interval_ns != 0 && !take_token(grant, source, info, now) {
                 saw_rate_limited = true;
                 continue;
             }
