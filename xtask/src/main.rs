@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | test | demo`.
+//! Project automation: `cargo xtask setup | test | demo | bench | vm`.
 
 mod bench;
 mod cmd;
