@@ -1,12 +1,9 @@
 //! `cargo xtask bench`: set up, build the agent and the benchmarks with
 //! optimisations, and run them as root. The method is in docs/performance.md.
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use crate::{
-    cmd::{self, workspace_root},
-    setup,
-};
+use crate::{cmd, setup};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -18,27 +15,12 @@ pub struct Options {
 pub fn run(options: &Options) -> anyhow::Result<()> {
     cmd::require_root("cargo xtask bench")?;
     setup::run()?;
-    cmd::run(Command::new("cargo").args([
-        "build",
-        "--quiet",
-        "--release",
-        "--package",
-        "mesh-agent",
-        "--package",
-        "mesh-tests",
-        "--bin",
-        "mesh-agent",
-        "--bin",
-        "mesh-bench",
-    ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let release = target.join("release");
+    let release = cmd::build_with_agent("mesh-bench", true)?;
+    let results = release.with_file_name("bench").join("results.json");
     let mut bench = Command::new(release.join("mesh-bench"));
     bench.env("MESH_AGENT", release.join("mesh-agent"));
     if options.quick {
         bench.arg("--quick");
     }
-    cmd::run(bench.arg(target.join("bench/results.json")))
+    cmd::run(bench.arg(results))
 }

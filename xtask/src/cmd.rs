@@ -58,3 +58,28 @@ pub fn require_root(what: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Builds mesh-agent and the mesh-tests binary `companion` (the demo, the
+/// benchmark) and returns the folder holding both: such programs run the
+/// agent, and find it through `MESH_AGENT`.
+pub fn build_with_agent(companion: &str, release: bool) -> anyhow::Result<PathBuf> {
+    let mut build = Command::new("cargo");
+    build.args(["build", "--quiet"]);
+    if release {
+        build.arg("--release");
+    }
+    build.args([
+        "--package",
+        "mesh-agent",
+        "--package",
+        "mesh-tests",
+        "--bin",
+        "mesh-agent",
+        "--bin",
+    ]);
+    run(build.arg(companion))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join(if release { "release" } else { "debug" }))
+}

@@ -1,12 +1,9 @@
 //! `cargo xtask demo`: set up, build the agent and the demo, and run the
 //! demo as root.
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use crate::{
-    cmd::{self, workspace_root},
-    setup,
-};
+use crate::{cmd, setup};
 
 pub fn run() -> anyhow::Result<()> {
     cmd::require_root("cargo xtask demo")?;
@@ -16,21 +13,6 @@ pub fn run() -> anyhow::Result<()> {
 
 /// Builds and runs the demo; `test` runs it too, so it never rots.
 pub fn show() -> anyhow::Result<()> {
-    cmd::run(Command::new("cargo").args([
-        "build",
-        "--quiet",
-        "--package",
-        "mesh-agent",
-        "--package",
-        "mesh-tests",
-        "--bin",
-        "mesh-agent",
-        "--bin",
-        "mesh-demo",
-    ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-        .join("debug");
-    cmd::run(Command::new(target.join("mesh-demo")).env("MESH_AGENT", target.join("mesh-agent")))
+    let bin = cmd::build_with_agent("mesh-demo", false)?;
+    cmd::run(Command::new(bin.join("mesh-demo")).env("MESH_AGENT", bin.join("mesh-agent")))
 }

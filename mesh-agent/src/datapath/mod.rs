@@ -27,6 +27,7 @@ pub use inspect::{Inspection, MapFill, inspect};
 use mesh_common::{config, maps, programs};
 pub use pin::{Hook, Pins, unpin_all};
 pub use sizes::MapSizes;
+pub use sys::bpf as bpf_syscall;
 pub use test_run::{Entry, TestVerdict};
 pub use traffic::Counters;
 

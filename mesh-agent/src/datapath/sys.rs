@@ -29,7 +29,9 @@ struct LinkDetach {
     link_fd: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+/// bpf(2) with `attr` as the head of `union bpf_attr` (a `#[repr(C)]`
+/// struct laid out as the command reads it); the return value or the error.
+pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a properly laid out prefix of `union bpf_attr`, and
     // its size is passed along; the kernel zero-fills the rest.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };

@@ -432,6 +432,8 @@ mod bpf {
         os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     };
 
+    use mesh_agent::datapath::bpf_syscall;
+
     pub const PROG_TYPE_SCHED_CLS: u32 = 3;
     pub const PROG_TYPE_XDP: u32 = 6;
     const BPF_PROG_LOAD: libc::c_long = 5;
@@ -466,17 +468,6 @@ mod bpf {
         duration: u32,
     }
 
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-        // SAFETY: `attr` is a #[repr(C)] prefix of union bpf_attr, and the
-        // kernel reads and writes no more than the size given.
-        let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-        if ret < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(ret)
-        }
-    }
-
     /// A program that returns `value` and touches nothing: the baseline.
     pub fn load_constant(prog_type: u32, value: u32, name: &str) -> io::Result<OwnedFd> {
         // `mov64 r0, value; exit`, each instruction one little-endian u64.
@@ -496,7 +487,7 @@ mod bpf {
             prog_flags: 0,
             prog_name,
         };
-        let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+        let fd = bpf_syscall(BPF_PROG_LOAD, &mut attr)?;
         // SAFETY: BPF_PROG_LOAD returned a new descriptor that we own.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
@@ -518,7 +509,7 @@ mod bpf {
             repeat,
             duration: 0,
         };
-        bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+        bpf_syscall(BPF_PROG_TEST_RUN, &mut attr)?;
         Ok(Run {
             retval: attr.retval,
             duration_ns: attr.duration,
