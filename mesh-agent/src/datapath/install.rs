@@ -46,6 +46,9 @@ impl Datapath {
         }
         let epoch = state >> 1;
         self.set_config(config::STATE, ((epoch + 1) << 1) | u64::from(next))?;
+        // A packet that read the old state word may still be looking up old
+        // entries: wait until every such program run has finished.
+        super::sys::rcu_grace_period();
         self.remove_generation(live)
     }
 

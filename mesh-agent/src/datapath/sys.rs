@@ -1,6 +1,7 @@
 //! The bpf(2) commands aya does not wrap: getting a pinned link's file
 //! descriptor, detaching a link at once whoever else still holds it, and
-//! walking a map's keys without knowing their type.
+//! walking a map's keys without knowing their type; and waiting for
+//! in-flight program runs to finish.
 
 use std::{
     ffi::CString,
@@ -96,4 +97,16 @@ pub fn count_keys(map: BorrowedFd<'_>, key_size: u32, limit: u64) -> io::Result<
         attr.next_key = next.as_mut_ptr() as u64;
     }
     Ok(count)
+}
+
+/// Waits for an RCU grace period: every BPF program run that started before
+/// the call has finished (they run under the RCU read lock). The membarrier
+/// command waits for one; where the kernel refuses it, a pause far longer
+/// than any program run stands in.
+pub fn rcu_grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: no memory is passed.
+    if unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) } != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
