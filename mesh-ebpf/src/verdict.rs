@@ -227,28 +227,35 @@ fn new_flow(packet: &Packet, key: &FlowKey, state: u64, now: u64, outcome: &mut 
     };
     decide(&query, &mut decision);
     if decision.reason == Reason::Grant {
-        let initiator = if packet.src == key.addr_lo && packet.sport == key.port_lo {
-            flow::INITIATOR_LO
-        } else {
-            0
-        };
-        let value = FlowValue {
-            state,
-            valid_until_ns: decision.valid_until_ns,
-            last_seen_ns: now,
-            identity,
-            service,
-            flags: initiator | tcp_flow_flags(packet, &key),
-            _pad: [0; 7],
-        };
-        // A failed insert only costs the flow its replies: never a hole.
-        let _ = FLOWS.insert(key, &value, 0);
+        record_flow(packet, key, state, &query, &decision);
     }
     *outcome = Outcome {
         reason: decision.reason,
         identity,
         service,
     };
+}
+
+/// Records an admitted new flow. Separate from `new_flow` so that the flow
+/// value is not on the stack beneath `decide`, the deepest call chain.
+#[inline(never)]
+fn record_flow(packet: &Packet, key: &FlowKey, state: u64, query: &Query, decision: &Decision) {
+    let initiator = if packet.src == key.addr_lo && packet.sport == key.port_lo {
+        flow::INITIATOR_LO
+    } else {
+        0
+    };
+    let value = FlowValue {
+        state,
+        valid_until_ns: decision.valid_until_ns,
+        last_seen_ns: query.now,
+        identity: query.source,
+        service: query.service,
+        flags: initiator | tcp_flow_flags(packet, key),
+        _pad: [0; 7],
+    };
+    // A failed insert only costs the flow its replies: never a hole.
+    let _ = FLOWS.insert(key, &value, 0);
 }
 
 /// A flow's owner packed into one scalar, as BPF functions return them:
