@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod capture;
 pub mod datapath;
+pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod reference;

@@ -1,7 +1,19 @@
-use std::{io::Write as _, path::PathBuf, process::ExitCode, time::SystemTime};
+use std::{
+    io::{Read as _, Write as _},
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use mesh_agent::{agent, datapath::MapSizes, policy, replay};
+use mesh_agent::{
+    agent,
+    datapath::MapSizes,
+    identity::{self, IssuerKey, TrustBundle, Verifier},
+    policy::{self, SpiffeId, TrustDomain},
+    replay,
+};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tracing_subscriber::EnvFilter;
 
@@ -19,6 +31,9 @@ enum Command {
     /// Check and inspect policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Identity tokens: make an issuer key, issue tokens, check them.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run the node agent: enforce the policy on the interfaces and keep it
     /// in step with the file.
     Run(RunArgs),
@@ -136,6 +151,62 @@ enum PolicyCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make an issuer key and a trust bundle with its public key.
+    ///
+    /// Writes the private key to DIR/issuer.jwk (mode 0600) and the bundle
+    /// to DIR/bundle.json; never replaces either file.
+    Keygen {
+        /// The folder to write to; made (mode 0700) if missing.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The signature algorithm.
+        #[arg(long, value_enum, default_value_t = identity::Algorithm::EdDsa)]
+        alg: identity::Algorithm,
+        /// The key ID, named in each token's header [default: the key's
+        /// RFC 7638 thumbprint].
+        #[arg(long, value_name = "ID")]
+        kid: Option<String>,
+    },
+    /// Issue a token and print it.
+    Issue {
+        /// The issuer key, as `token keygen` writes it.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The identity the token proves (a SPIFFE ID).
+        #[arg(long, value_name = "SPIFFE_ID")]
+        id: SpiffeId,
+        /// How long the token is valid: a whole number and s, m, h or d
+        /// (90s, 15m, 1h, 7d); at most 365d.
+        #[arg(long, value_name = "DURATION", value_parser = identity::parse_ttl)]
+        ttl: Duration,
+        /// Who the token is for.
+        #[arg(long, value_name = "AUDIENCE", default_value = identity::DEFAULT_AUDIENCE)]
+        aud: String,
+    },
+    /// Verify a token; exit 1 if it is not valid.
+    ///
+    /// Prints the token's header and claims, then whether it is valid and
+    /// why.
+    Inspect {
+        /// The token; @FILE to read it from a file, - from stdin.
+        token: String,
+        /// The trust bundle (JWKS) whose keys may sign tokens.
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+        /// The trust domain the token's identity must be in.
+        #[arg(long, value_name = "NAME", required_unless_present = "policy")]
+        trust_domain: Option<TrustDomain>,
+        /// Take the trust domain from this policy file instead.
+        #[arg(long, value_name = "FILE", conflicts_with = "trust_domain")]
+        policy: Option<PathBuf>,
+        /// The audience the token must be for.
+        #[arg(long, value_name = "AUDIENCE", default_value = identity::DEFAULT_AUDIENCE)]
+        aud: String,
+    },
+}
+
 /// The flow log's name in the state folder.
 const FLOW_LOG: &str = "flows.jsonl";
 
@@ -143,6 +214,87 @@ fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     OffsetDateTime::parse(text, &Rfc3339)
         .map(SystemTime::from)
         .map_err(|err| format!("expected an RFC 3339 time such as 2026-12-01T00:00:00Z: {err}"))
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    OffsetDateTime::from(time)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| format!("{time:?}"))
+}
+
+/// The token argument of `token inspect`: the token itself, `@FILE`, or `-`
+/// for stdin. Files and stdin keep tokens out of shell history and `ps`.
+fn read_token(arg: &str) -> anyhow::Result<String> {
+    let text = if arg == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the token from stdin")?;
+        text
+    } else if let Some(path) = arg.strip_prefix('@') {
+        std::fs::read_to_string(path).with_context(|| format!("{path}: cannot read"))?
+    } else {
+        arg.to_owned()
+    };
+    Ok(text.trim().to_owned())
+}
+
+fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Keygen { out, alg, kid } => {
+            let key = IssuerKey::generate(alg, kid)?;
+            let saved = key.save(&out)?;
+            println!(
+                "private key: {} (mode 0600; keep it secret)",
+                saved.key.display()
+            );
+            println!("trust bundle: {}", saved.bundle.display());
+            println!("key ID: {} ({})", key.kid(), key.algorithm());
+        }
+        TokenCommand::Issue { key, id, ttl, aud } => {
+            let key = IssuerKey::load(&key)?;
+            println!("{}", key.issue(&id, &aud, ttl, SystemTime::now())?);
+        }
+        TokenCommand::Inspect {
+            token,
+            bundle,
+            trust_domain,
+            policy,
+            aud,
+        } => {
+            let trust_domain = match (trust_domain, policy) {
+                (Some(trust_domain), _) => trust_domain,
+                (None, Some(path)) => policy::load(&path)?.trust_domain,
+                (None, None) => unreachable!("clap requires --trust-domain or --policy"),
+            };
+            let verifier = Verifier::new(TrustBundle::load(&bundle)?, trust_domain, aud);
+            let token = read_token(&token)?;
+            if let Ok(parts) = identity::decode_unverified(&token) {
+                println!("header: {}", serde_json::to_string_pretty(&parts.header)?);
+                println!("claims: {}", serde_json::to_string_pretty(&parts.claims)?);
+            }
+            let now = SystemTime::now();
+            match verifier.verify(&token, now) {
+                Ok(valid) => {
+                    let left = valid.expires_at.duration_since(now).unwrap_or_default();
+                    println!("valid: {}", valid.spiffe_id);
+                    println!("  audience: {}", valid.audience.join(", "));
+                    println!("  issued:   {}", rfc3339(valid.issued_at));
+                    println!(
+                        "  expires:  {} (in {} s)",
+                        rfc3339(valid.expires_at),
+                        left.as_secs()
+                    );
+                    println!("  key:      {} ({})", valid.kid, valid.algorithm);
+                    if let Some(jti) = valid.jti {
+                        println!("  token ID: {jti}");
+                    }
+                }
+                Err(error) => anyhow::bail!("invalid token ({}): {error}", error.reason()),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -214,6 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent::teardown(&places.state_dir, &places.bpffs)?;
             println!("mesh removed from {}", places.bpffs.display());
         }
+        Command::Token(command) => token(command)?,
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = policy::load(&file)?;
             println!("{}: valid: {}", file.display(), policy.summary());
