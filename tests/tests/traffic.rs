@@ -229,9 +229,13 @@ fn real_traffic_through_xdp_ingress_and_tc_egress() -> anyhow::Result<()> {
         "the router's PMTU error reached the client"
     );
 
-    for attachment in attachments {
-        datapath.detach(attachment)?;
-    }
+    // In the namespace: a clsact filter (kernels < 6.6) is named by ifindex.
+    net.client.enter(|| -> anyhow::Result<()> {
+        for attachment in attachments {
+            datapath.detach(attachment)?;
+        }
+        Ok(())
+    })??;
     assert!(
         tcp_echo_works(
             &net.client,

@@ -189,7 +189,9 @@ impl Datapath {
         program::<SchedClassifier>(&mut self.ebpf, name)
     }
 
-    /// Detaches what [`Self::attach_xdp`] or [`Self::attach_tc`] attached.
+    /// Detaches what [`Self::attach_xdp`] or [`Self::attach_tc`] attached,
+    /// in the network namespace it was attached in: a clsact filter is
+    /// named by its interface's index.
     pub fn detach(&mut self, attachment: Attachment) -> Result<(), DatapathError> {
         match attachment {
             Attachment::Xdp(link) => program::<Xdp>(&mut self.ebpf, programs::XDP)?
