@@ -31,6 +31,20 @@ pub use sys::bpf as bpf_syscall;
 pub use test_run::{Entry, TestVerdict};
 pub use traffic::Counters;
 
+/// Below 6.6 there is no tcx: TC programs are filters on a clsact qdisc,
+/// which are not links and are named by interface, direction, priority and
+/// handle instead.
+pub(crate) fn clsact_filters() -> bool {
+    KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
+}
+
+/// mesh's clsact filter judges before any other filter on the hook.
+const CLSACT_PRIORITY: u16 = 1;
+
+/// A fixed handle ("me" "sh"), so that a later agent finds the filter an
+/// earlier one attached without a record of its own.
+const CLSACT_HANDLE: tc::TcHandle = tc::TcHandle::new(0x6d65, 0x7368);
+
 /// The object built from mesh-ebpf by the build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
@@ -160,25 +174,59 @@ impl Datapath {
         direction: TcAttachType,
         l3: bool,
     ) -> Result<Attachment, DatapathError> {
-        // tcx needs 6.6; below it, filters hang off a clsact qdisc.
-        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
-            match tc::qdisc_add_clsact(interface) {
-                Ok(()) => {}
-                Err(tc::TcError::NetlinkError(err)) if err.raw_os_error() == Some(libc::EEXIST) => {
-                }
-                Err(err) => {
-                    return Err(attach_error(interface)(ProgramError::TcError(err)));
-                }
-            }
-        }
         let name = if l3 { programs::TC_L3 } else { programs::TC };
-        program::<SchedClassifier>(&mut self.ebpf, name)?
-            .attach(interface, direction)
-            .map(|link| Attachment::Tc {
-                program: name,
-                link,
-            })
-            .map_err(attach_error(interface))
+        let link = if clsact_filters() {
+            self.attach_clsact(interface, direction, name)?
+        } else {
+            self.tc(name)?
+                .attach(interface, direction)
+                .map_err(attach_error(interface))?
+        };
+        Ok(Attachment::Tc {
+            program: name,
+            link,
+        })
+    }
+
+    /// Attaches `name` as mesh's clsact filter, or puts it in place of the
+    /// program of the filter an earlier datapath attached: the kernel swaps
+    /// a filter's program atomically.
+    fn attach_clsact(
+        &mut self,
+        interface: &str,
+        direction: TcAttachType,
+        name: &'static str,
+    ) -> Result<SchedClassifierLinkId, DatapathError> {
+        let exists = |err: &tc::TcError| matches!(err, tc::TcError::NetlinkError(err) if err.raw_os_error() == Some(libc::EEXIST));
+        match tc::qdisc_add_clsact(interface) {
+            Err(err) if !exists(&err) => return Err(attach_error(interface)(err.into())),
+            _ => {}
+        }
+        let options = tc::NlOptions {
+            priority: CLSACT_PRIORITY,
+            handle: CLSACT_HANDLE,
+            ..Default::default()
+        };
+        let program = self.tc(name)?;
+        let attached = match program.attach_with_options(
+            interface,
+            direction,
+            tc::TcAttachOptions::Netlink(options),
+        ) {
+            Err(ProgramError::TcError(err)) if exists(&err) => {
+                let filter = tc::SchedClassifierLink::attached(
+                    interface,
+                    direction,
+                    CLSACT_PRIORITY,
+                    CLSACT_HANDLE,
+                    None,
+                )
+                .map_err(|err| attach_error(interface)(tc::TcError::IoError(err).into()))?;
+                program.attach_to_link(filter)
+            }
+            attached => attached,
+        };
+        attached.map_err(attach_error(interface))
     }
 
     fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {

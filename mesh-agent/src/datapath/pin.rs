@@ -5,12 +5,12 @@
 //! neither a gap nor a flush.
 
 use std::{
-    fs, io,
+    fs, io, mem,
     path::{Path, PathBuf},
 };
 
 use aya::programs::{
-    TcAttachType,
+    Link as _, ProgramError, TcAttachType,
     links::{FdLink, LinkError, PinnedLink},
     tc::SchedClassifierLink,
     xdp::XdpLink,
@@ -56,6 +56,14 @@ impl Hook {
             Hook::Xdp => "xdp",
             Hook::TcIngress => "tc-ingress",
             Hook::TcEgress => "tc-egress",
+        }
+    }
+
+    fn tc_direction(self) -> Option<TcAttachType> {
+        match self {
+            Hook::Xdp => None,
+            Hook::TcIngress => Some(TcAttachType::Ingress),
+            Hook::TcEgress => Some(TcAttachType::Egress),
         }
     }
 }
@@ -150,6 +158,9 @@ impl Datapath {
         hook: Hook,
     ) -> Result<(), DatapathError> {
         let path = pins.link(interface, hook);
+        if let Some(direction) = hook.tc_direction().filter(|_| super::clsact_filters()) {
+            return self.attach_pinned_filter(&path, interface, direction);
+        }
         let pin_error = |source: io::Error| DatapathError::Pin {
             path: path.clone(),
             source,
@@ -177,6 +188,42 @@ impl Datapath {
             }
             Err(err) => Err(pin_error(io::Error::other(err))),
         }
+    }
+
+    /// Below 6.6 a TC attachment is a clsact filter, which is no link and
+    /// cannot be pinned, but outlives the agent all the same. Attaching
+    /// swaps this datapath's program into the filter an earlier agent left;
+    /// the program is pinned in the link's place, so that `status` and
+    /// `teardown` find the filter.
+    fn attach_pinned_filter(
+        &mut self,
+        path: &Path,
+        interface: &str,
+        direction: TcAttachType,
+    ) -> Result<(), DatapathError> {
+        let name = mesh_common::programs::TC;
+        let link = self.attach_clsact(interface, direction, name)?;
+        let program = self.tc(name)?;
+        // Dropping our hold on the filter would detach it.
+        mem::forget(
+            program
+                .take_link(link)
+                .map_err(super::program_error(name))?,
+        );
+        // Pinned beside the old pin and moved over it, so that at every
+        // moment a pin names the filter.
+        let mut fresh = path.as_os_str().to_owned();
+        fresh.push("~");
+        let fresh = PathBuf::from(fresh);
+        let pin_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DatapathError::Pin { path, source }
+        };
+        remove(&fresh, |p| fs::remove_file(p))?;
+        program
+            .pin(&fresh)
+            .map_err(|err| pin_error(&fresh)(io::Error::other(err)))?;
+        fs::rename(&fresh, path).map_err(pin_error(path))
     }
 
     /// Moves a pinned link to this datapath's program of the same hook.
@@ -241,8 +288,12 @@ impl Datapath {
 /// this returns — and the folders. Programs and maps not held by any process
 /// then leave the kernel.
 pub fn unpin_all(pins: &Pins) -> Result<(), DatapathError> {
-    for (_, _, path) in pins.links()? {
-        super::sys::detach_pinned_link(&path).map_err(|source| DatapathError::Pin {
+    for (interface, hook, path) in pins.links()? {
+        match hook.tc_direction().filter(|_| super::clsact_filters()) {
+            Some(direction) => detach_filter(&interface, direction),
+            None => super::sys::detach_pinned_link(&path),
+        }
+        .map_err(|source| DatapathError::Pin {
             path: path.clone(),
             source,
         })?;
@@ -260,6 +311,25 @@ pub fn unpin_all(pins: &Pins) -> Result<(), DatapathError> {
         remove(dir, |p| fs::remove_dir(p))?;
     }
     Ok(())
+}
+
+/// Detaches mesh's clsact filter from `interface`, in the calling thread's
+/// network namespace. A filter or interface already gone is fine.
+fn detach_filter(interface: &str, direction: TcAttachType) -> io::Result<()> {
+    let filter = match SchedClassifierLink::attached(
+        interface,
+        direction,
+        super::CLSACT_PRIORITY,
+        super::CLSACT_HANDLE,
+        None,
+    ) {
+        Err(err) if err.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+        filter => filter?,
+    };
+    match filter.detach() {
+        Err(ProgramError::NetlinkError(err)) if err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        detached => detached.map_err(io::Error::other),
+    }
 }
 
 /// Removes a pin or folder; one already gone is fine.
