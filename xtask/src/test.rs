@@ -2,9 +2,11 @@
 
 use std::process::Command;
 
+use anyhow::Context as _;
+
 use crate::{
     cmd::{self, output, step},
-    demo, setup,
+    demo, setup, vm,
 };
 
 /// Prefix of the network namespaces the test harness creates.
@@ -28,12 +30,20 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     cmd::run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     step("the demo");
     demo::show()?;
+    // The VMs go before the host's tests, so that the test runner's summary
+    // ends the output; a VM failure still fails the gate afterwards.
+    step("the kernel-facing suites on every supported kernel (docs/vm.md)");
+    let vms = vm::matrix(vm::KERNELS, &[]);
+    if let Err(err) = &vms {
+        eprintln!("{err:#}");
+    }
     step("unit, kernel and integration tests");
     cmd::run(
         Command::new("cargo")
             .args(["nextest", "run", "--no-fail-fast"])
             .args(&options.filter),
-    )
+    )?;
+    vms.context("the kernel VMs failed (see above)")
 }
 
 /// Private bpffs mounts (`mesh-bpffs-*`) left by a killed test process.
