@@ -98,8 +98,9 @@ pub fn build(
     }
     let library_path = library_dirs.into_iter().collect::<Vec<_>>().join(":");
     let env = format!(
-        "export PATH=/usr/sbin:/bin LD_LIBRARY_PATH={}\nset -- {}\n",
+        "export PATH=/usr/sbin:/bin LD_LIBRARY_PATH={} MESH_DIFF_CASES={}\nset -- {}\n",
         shell_quote(&library_path),
+        super::DIFFERENTIAL_CASES,
         filter
             .iter()
             .map(|f| shell_quote(f))

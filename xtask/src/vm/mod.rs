@@ -22,7 +22,17 @@ use qemu::Report;
 
 /// The test binaries of mesh-tests that run in every VM: the ones that need a
 /// kernel (the others are the same on any kernel).
-const SUITES: &[&str] = &["verdicts", "xdp_slice", "traffic", "pinning", "l3"];
+const SUITES: &[&str] = &[
+    "verdicts",
+    "differential",
+    "xdp_slice",
+    "traffic",
+    "pinning",
+    "l3",
+];
+/// Differential cases per VM: enough to cross every rule on every kernel,
+/// few enough for TCG (the host runs the full count).
+const DIFFERENTIAL_CASES: u32 = 200;
 /// Twice a VM's run time under TCG on a core of its own; loading the
 /// programs (the verifier) dominates it.
 const VM_TIMEOUT: Duration = Duration::from_secs(600);
