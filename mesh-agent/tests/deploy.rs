@@ -1,0 +1,1045 @@
+//! The deployment files in deploy/, checked with the tools of the platforms
+//! they are for:
+//!
+//! - every Kubernetes manifest, file by file and as `kubectl kustomize`
+//!   renders each kustomization (with the generated ConfigMap and Secrets),
+//!   against the Kubernetes API's schemas of the pinned versions
+//!   (kubernetes-validate --strict: unknown fields are errors), and the
+//!   ServiceMonitor against the Prometheus Operator's types; then the
+//!   references between the resources (names, labels, ports, volumes), which
+//!   no schema checks;
+//! - the systemd unit with `systemd-analyze verify` (any warning fails) and
+//!   `systemd-analyze security` (an exposure ceiling), and broken copies of
+//!   it, which must fail;
+//! - the agent's arguments in the DaemonSet and in the unit with
+//!   `mesh-agent run --check`, read out of the files (environment and
+//!   paths resolved as the kubelet and systemd resolve them) so that they
+//!   cannot drift from what the agent accepts.
+//!
+//! The tools come from `cargo xtask setup`: systemd-analyze from Debian's
+//! systemd, kubectl, kubernetes-validate and the Prometheus Operator's
+//! types in a Python environment in target/tools/deploy. A missing tool
+//! fails the tests.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write as _,
+    path::{Component, Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
+
+use serde_json::Value;
+
+/// The Kubernetes versions whose API schemas the manifests must satisfy:
+/// the oldest the docs name and the newest kubernetes-validate knows.
+const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.37.0"];
+
+/// The most `systemd-analyze security` exposure the unit may have, in
+/// tenths (25 is 2.5 of 10; the unit scores 2.3 with systemd 252).
+const SYSTEMD_EXPOSURE_MAX: u32 = 25;
+
+/// An address for `$(POD_IP)`: `run --check` binds nothing.
+const POD_IP: &str = "192.0.2.10";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn deploy() -> PathBuf {
+    root().join("deploy")
+}
+
+/// A tool of the deployment tests' Python environment.
+fn tool(name: &str) -> PathBuf {
+    let path = root().join("target/tools/deploy/bin").join(name);
+    assert!(
+        path.is_file(),
+        "{} missing: run `cargo xtask setup`",
+        path.display()
+    );
+    path
+}
+
+fn systemd_analyze() -> Command {
+    let found = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
+        .into_iter()
+        .find(|path| Path::new(path).is_file())
+        .expect("systemd-analyze missing: run `cargo xtask setup` (Debian's systemd)");
+    Command::new(found)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `command` with `input` on stdin.
+fn run(command: &mut Command, input: &str) -> Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn succeed(command: &mut Command, input: &str) -> String {
+    let output = run(command, input);
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    text(&output.stdout)
+}
+
+/// The documents of a YAML stream, as JSON values.
+fn yaml_documents(yaml: &str) -> Vec<Value> {
+    let json = succeed(
+        Command::new(tool("python")).args([
+            "-c",
+            "import json, sys, yaml\n\
+             json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
+        ]),
+        yaml,
+    );
+    serde_json::from_str(&json).unwrap()
+}
+
+fn kustomize(dir: &Path) -> Vec<Value> {
+    yaml_documents(&succeed(
+        Command::new(tool("kubectl")).arg("kustomize").arg(dir),
+        "",
+    ))
+}
+
+fn kind(doc: &Value) -> &str {
+    doc["kind"].as_str().unwrap_or_default()
+}
+
+fn name(doc: &Value) -> &str {
+    doc["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+fn shown(doc: &Value) -> String {
+    format!("{}/{}", kind(doc), name(doc))
+}
+
+/// Checks every document against the schemas: built-in kinds with
+/// kubernetes-validate, which must report each one as passed (it only warns
+/// about a kind it has no schema for, which fails here), and the
+/// ServiceMonitor with the Prometheus Operator's types.
+fn validate(docs: &[Value], what: &str) {
+    assert!(!docs.is_empty(), "{what}: no resources");
+    let (monitors, builtin): (Vec<&Value>, Vec<&Value>) = docs
+        .iter()
+        .partition(|doc| doc["apiVersion"] == "monitoring.coreos.com/v1");
+    for monitor in monitors {
+        validate_servicemonitor(monitor, what);
+    }
+    if builtin.is_empty() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("resources.yaml");
+    let stream: Vec<String> = builtin.iter().map(|doc| doc.to_string()).collect();
+    fs::write(&file, stream.join("\n---\n")).unwrap();
+    for version in KUBERNETES_VERSIONS {
+        let output = run(
+            Command::new(tool("kubernetes-validate"))
+                .args(["--strict", "--kubernetes-version", version])
+                .arg(&file),
+            "",
+        );
+        let report = text(&output.stdout) + &text(&output.stderr);
+        let problems: Vec<&str> = report
+            .lines()
+            .filter(|line| !line.starts_with("INFO "))
+            .collect();
+        assert!(
+            output.status.success() && problems.is_empty(),
+            "{what} is not valid Kubernetes {version}:\n{report}"
+        );
+        for doc in &builtin {
+            let passed = format!(
+                "passed for resource {}/{} against version",
+                kind(doc).to_lowercase(),
+                name(doc)
+            );
+            assert!(
+                report.contains(&passed),
+                "{what}: {} was not validated against Kubernetes {version}:\n{report}",
+                shown(doc)
+            );
+        }
+    }
+}
+
+/// The ServiceMonitor against the Prometheus Operator's types. The types
+/// ignore fields they do not know, so the check also reads the resource
+/// back from them: a field that went missing is an unknown one.
+fn validate_servicemonitor(doc: &Value, what: &str) {
+    const CHECK: &str = r#"
+import json, sys
+from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+doc = json.load(sys.stdin)
+back = ServiceMonitor.model_validate(doc).model_dump(
+    mode="json", by_alias=True, exclude_unset=True)
+
+def diff(given, read, path):
+    if isinstance(given, dict) and isinstance(read, dict):
+        for key in sorted(given.keys() | read.keys()):
+            if key not in read:
+                yield f"{path}.{key}: not a field of a ServiceMonitor"
+            elif key not in given:
+                yield f"{path}.{key}: added"
+            else:
+                yield from diff(given[key], read[key], f"{path}.{key}")
+    elif isinstance(given, list) and isinstance(read, list) and len(given) == len(read):
+        for index, (a, b) in enumerate(zip(given, read)):
+            yield from diff(a, b, f"{path}[{index}]")
+    elif given != read:
+        yield f"{path}: {given!r} reads as {read!r}"
+
+problems = list(diff(doc, back, ""))
+print("\n".join(problems))
+sys.exit(1 if problems else 0)
+"#;
+    let output = run(
+        Command::new(tool("python")).args(["-c", CHECK]),
+        &doc.to_string(),
+    );
+    assert!(
+        output.status.success(),
+        "{what}: {} is not a valid ServiceMonitor:\n{}{}",
+        shown(doc),
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+/// The manifests under `dir`, kustomization files aside.
+fn manifest_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            manifest_files(&path, found);
+        } else if path
+            .extension()
+            .is_some_and(|ext| ext == "yaml" || ext == "yml")
+            && path.file_name().unwrap() != "kustomization.yaml"
+        {
+            found.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_manifest_file_is_valid() {
+    let mut files = Vec::new();
+    manifest_files(&deploy(), &mut files);
+    let names: Vec<String> = files
+        .iter()
+        .map(|path| path.strip_prefix(deploy()).unwrap().display().to_string())
+        .collect();
+    for expected in [
+        "kubernetes/daemonset.yaml",
+        "kubernetes/namespace.yaml",
+        "kubernetes/service.yaml",
+        "kubernetes/serviceaccount.yaml",
+        "kubernetes/servicemonitor/servicemonitor.yaml",
+    ] {
+        assert!(
+            names.iter().any(|name| name == expected),
+            "{expected} not found among {names:?}"
+        );
+    }
+    for (file, name) in files.iter().zip(&names) {
+        let docs = yaml_documents(&fs::read_to_string(file).unwrap());
+        validate(&docs, name);
+    }
+}
+
+/// Finds the one resource of `kind` named `name`.
+fn find<'a>(docs: &'a [Value], kind_: &str, name_: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|doc| kind(doc) == kind_ && name(doc) == name_)
+        .collect();
+    assert_eq!(found.len(), 1, "expected one {kind_}/{name_}");
+    found[0]
+}
+
+fn daemonset(docs: &[Value]) -> &Value {
+    find(docs, "DaemonSet", "mesh-agent")
+}
+
+fn container(docs: &[Value]) -> &Value {
+    let containers = daemonset(docs)["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    assert_eq!(containers.len(), 1, "the agent's pod has one container");
+    &containers[0]
+}
+
+fn list(value: &Value) -> &[Value] {
+    value.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+/// `labels` holds every label of `selector`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let selector = selector.as_object().unwrap();
+    !selector.is_empty() && selector.iter().all(|(key, value)| &labels[key] == value)
+}
+
+/// What no schema checks: that the resources refer to each other rightly.
+fn check_references(docs: &[Value], what: &str) {
+    let namespace = find(docs, "Namespace", "mesh-system");
+    assert_eq!(
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+        "{what}: the agents' pods need the privileged Pod Security level"
+    );
+    for doc in docs.iter().filter(|doc| kind(doc) != "Namespace") {
+        assert_eq!(
+            doc["metadata"]["namespace"],
+            "mesh-system",
+            "{what}: {}",
+            shown(doc)
+        );
+    }
+    let daemonset = daemonset(docs);
+    let pod = &daemonset["spec"]["template"];
+    let pod_labels = &pod["metadata"]["labels"];
+    assert!(selects(
+        &daemonset["spec"]["selector"]["matchLabels"],
+        pod_labels
+    ));
+    let spec = &pod["spec"];
+    find(
+        docs,
+        "ServiceAccount",
+        spec["serviceAccountName"].as_str().unwrap(),
+    );
+    assert_eq!(spec["hostNetwork"], true, "{what}: the node's interfaces");
+
+    // Volumes: every mount names a volume; ConfigMaps exist; Secrets exist
+    // where they are not optional, and where the resources hold any Secret.
+    let volumes = list(&spec["volumes"]);
+    let container = container(docs);
+    for mount in list(&container["volumeMounts"]) {
+        assert!(
+            volumes.iter().any(|volume| volume["name"] == mount["name"]),
+            "{what}: the mount {} names no volume",
+            mount["name"]
+        );
+    }
+    let has_secrets = docs.iter().any(|doc| kind(doc) == "Secret");
+    for volume in volumes {
+        if let Some(config_map) = volume["configMap"]["name"].as_str() {
+            find(docs, "ConfigMap", config_map);
+        }
+        if let Some(secret) = volume["secret"]["secretName"].as_str()
+            && (has_secrets || volume["secret"]["optional"] != true)
+        {
+            find(docs, "Secret", secret);
+        }
+    }
+
+    // Ports: the probes, the Service and the ServiceMonitor use the
+    // container's port by name.
+    let ports: Vec<&Value> = list(&container["ports"])
+        .iter()
+        .map(|port| &port["name"])
+        .collect();
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let get = &container[probe]["httpGet"];
+        assert!(
+            ports.contains(&&get["port"]),
+            "{what}: {probe} uses no port of the container"
+        );
+        let path = get["path"].as_str().unwrap();
+        assert!(
+            ["/healthz", "/readyz"].contains(&path),
+            "{what}: {probe} asks {path}, which the agent does not serve"
+        );
+    }
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    for doc in docs.iter().filter(|doc| kind(doc) == "Service") {
+        assert!(selects(&doc["spec"]["selector"], pod_labels), "{what}");
+        for port in list(&doc["spec"]["ports"]) {
+            assert!(ports.contains(&&port["targetPort"]), "{what}: {port}");
+        }
+    }
+    for monitor in docs.iter().filter(|doc| kind(doc) == "ServiceMonitor") {
+        let services: Vec<&Value> = docs
+            .iter()
+            .filter(|doc| kind(doc) == "Service")
+            .filter(|doc| {
+                selects(
+                    &monitor["spec"]["selector"]["matchLabels"],
+                    &doc["metadata"]["labels"],
+                )
+            })
+            .collect();
+        assert_eq!(services.len(), 1, "{what}: the ServiceMonitor's Service");
+        let service_ports: Vec<&Value> = list(&services[0]["spec"]["ports"])
+            .iter()
+            .map(|port| &port["name"])
+            .collect();
+        for endpoint in list(&monitor["spec"]["endpoints"]) {
+            assert!(service_ports.contains(&&endpoint["port"]), "{what}");
+        }
+        assert!(
+            list(&monitor["spec"]["namespaceSelector"]["matchNames"])
+                .contains(&services[0]["metadata"]["namespace"])
+        );
+    }
+
+    // Rolling updates: one node at a time, the old agent gone first.
+    let update = &daemonset["spec"]["updateStrategy"];
+    assert_eq!(update["type"], "RollingUpdate", "{what}");
+    assert_eq!(update["rollingUpdate"]["maxUnavailable"], 1, "{what}");
+    assert_eq!(update["rollingUpdate"]["maxSurge"], 0, "{what}");
+    let security = &container["securityContext"];
+    assert_eq!(security["privileged"], false, "{what}");
+    assert_eq!(
+        security["capabilities"]["add"],
+        serde_json::json!(["BPF", "NET_ADMIN", "PERFMON"]),
+        "{what}"
+    );
+    for resources in ["requests", "limits"] {
+        for of in ["cpu", "memory"] {
+            assert!(
+                container["resources"][resources][of].is_string(),
+                "{what}: no {resources}.{of}"
+            );
+        }
+    }
+}
+
+/// The path from `from` to `to`, both absolute (kustomize takes only
+/// relative paths).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let (from, to) = (from.canonicalize().unwrap(), to.canonicalize().unwrap());
+    let from: Vec<Component> = from.components().collect();
+    let to: Vec<Component> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut path = PathBuf::new();
+    for _ in common..from.len() {
+        path.push("..");
+    }
+    for part in &to[common..] {
+        path.push(part);
+    }
+    path
+}
+
+#[test]
+fn the_base_renders_to_valid_resources() {
+    let docs = kustomize(&deploy().join("kubernetes"));
+    let mut kinds: Vec<String> = docs.iter().map(shown).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap/mesh-policy",
+            "DaemonSet/mesh-agent",
+            "Namespace/mesh-system",
+            "Service/mesh-agent-metrics",
+            "ServiceAccount/mesh-agent",
+        ]
+    );
+    validate(&docs, "deploy/kubernetes");
+    check_references(&docs, "deploy/kubernetes");
+    // The ConfigMap keeps its name, so that a policy change reaches the
+    // running agents instead of rolling them; and it is policy.toml.
+    let policy = find(&docs, "ConfigMap", "mesh-policy");
+    assert_eq!(
+        policy["data"]["policy.toml"].as_str().unwrap(),
+        fs::read_to_string(deploy().join("kubernetes/policy.toml")).unwrap()
+    );
+}
+
+#[test]
+fn the_example_overlay_renders_to_valid_resources() {
+    let docs = kustomize(&deploy().join("examples/kubernetes"));
+    validate(&docs, "deploy/examples/kubernetes");
+    check_references(&docs, "deploy/examples/kubernetes");
+    find(&docs, "ServiceMonitor", "mesh-agent");
+    assert_eq!(
+        container(&docs)["image"],
+        "registry.example.com/mesh/mesh-agent:0.1.0"
+    );
+    let policy = find(&docs, "ConfigMap", "mesh-policy");
+    assert_eq!(
+        policy["data"]["policy.toml"].as_str().unwrap(),
+        fs::read_to_string(deploy().join("examples/kubernetes/policy.toml")).unwrap()
+    );
+}
+
+/// The base with the ServiceMonitor and the Secrets generated as
+/// docs/operations.md describes: the Secrets' names are the DaemonSet's.
+#[test]
+fn secrets_and_the_servicemonitor_fit_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = relative(dir.path(), &deploy().join("kubernetes"));
+    fs::write(dir.path().join("node-a.jwt"), "join token of node-a\n").unwrap();
+    fs::write(dir.path().join("bundle.json"), "{\"keys\": []}\n").unwrap();
+    fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\n\
+             kind: Kustomization\n\
+             resources:\n  - {base}\n\
+             components:\n  - {base}/servicemonitor\n\
+             secretGenerator:\n\
+             \x20 - name: mesh-join-tokens\n\
+             \x20   namespace: mesh-system\n\
+             \x20   files:\n\
+             \x20     - node-a=node-a.jwt\n\
+             \x20 - name: mesh-trust-bundles\n\
+             \x20   namespace: mesh-system\n\
+             \x20   files:\n\
+             \x20     - identity-bundle.json=bundle.json\n",
+            base = base.display()
+        ),
+    )
+    .unwrap();
+    let docs = kustomize(dir.path());
+    validate(&docs, "base + servicemonitor + secrets");
+    check_references(&docs, "base + servicemonitor + secrets");
+    find(&docs, "ServiceMonitor", "mesh-agent");
+    let secrets = docs.iter().filter(|doc| kind(doc) == "Secret").count();
+    assert_eq!(secrets, 2);
+    // Both Secrets are mounted (kustomize renamed the references to the
+    // generated names only because the names matched).
+    let mounted: Vec<&str> = list(&daemonset(&docs)["spec"]["template"]["spec"]["volumes"])
+        .iter()
+        .filter_map(|volume| volume["secret"]["secretName"].as_str())
+        .collect();
+    assert_eq!(mounted.len(), 2);
+    for secret in mounted {
+        assert!(
+            secret.starts_with("mesh-join-tokens-") || secret.starts_with("mesh-trust-bundles-")
+        );
+    }
+}
+
+/// The value of `--flag=VALUE` (or `--flag VALUE`) in `args`.
+fn flag<'a>(args: &'a [String], flag: &str) -> &'a str {
+    let with_value = format!("{flag}=");
+    let found: Vec<&str> = args
+        .iter()
+        .enumerate()
+        .filter_map(|(index, arg)| {
+            if let Some(value) = arg.strip_prefix(&with_value) {
+                Some(value)
+            } else if arg == flag {
+                args.get(index + 1).map(String::as_str)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one {flag} in {args:?}");
+    found[0]
+}
+
+/// Replaces the value of `flag` in `args`.
+fn replace_flag(args: &mut [String], flag: &str, value: &str) {
+    let with_value = format!("{flag}=");
+    for index in 0..args.len() {
+        if args[index].starts_with(&with_value) {
+            args[index] = format!("{flag}={value}");
+        } else if args[index] == flag {
+            args[index + 1] = value.to_owned();
+        }
+    }
+}
+
+/// Runs the agent's `run --check` with `args` (starting with `run`).
+fn run_check(args: &[String]) -> Output {
+    assert_eq!(args.first().map(String::as_str), Some("run"), "{args:?}");
+    Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .args(args)
+        .arg("--check")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn assert_checked(args: &[String], what: &str) {
+    let output = run_check(args);
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{what}: `mesh-agent {}` --check failed:\n{stdout}{}",
+        args.join(" "),
+        text(&output.stderr)
+    );
+    let policy = flag(args, "--policy");
+    assert!(
+        stdout.contains(&format!("policy {policy}: valid")),
+        "{what}:\n{stdout}"
+    );
+    assert!(stdout.contains("checked only"), "{what}:\n{stdout}");
+}
+
+/// Kubernetes' expansion of `$(NAME)` in a container's arguments, from the
+/// container's environment; `$$` escapes, and an unknown name stays.
+fn expand_kubernetes(arg: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some((name, after)) = rest
+            .strip_prefix("$(")
+            .and_then(|inner| inner.split_once(')'))
+            && let Some(value) = env.get(name)
+        {
+            out.push_str(value);
+            rest = after;
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out + rest
+}
+
+/// The agent's command line in a rendered DaemonSet, as the kubelet would
+/// start it, with the policy file taken from the ConfigMap it is mounted
+/// from and written to `scratch`.
+fn daemonset_command_line(docs: &[Value], scratch: &Path) -> Vec<String> {
+    let container = container(docs);
+    assert_eq!(
+        container["command"],
+        serde_json::json!(["/usr/local/bin/mesh-agent"])
+    );
+    let mut env = BTreeMap::new();
+    for var in list(&container["env"]) {
+        let name = var["name"].as_str().unwrap().to_owned();
+        let value = if let Some(value) = var["value"].as_str() {
+            value.to_owned()
+        } else if var["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP" {
+            POD_IP.to_owned()
+        } else {
+            panic!("no value for {name} in the test");
+        };
+        env.insert(name, value);
+    }
+    let mut args: Vec<String> = list(&container["args"])
+        .iter()
+        .map(|arg| expand_kubernetes(arg.as_str().unwrap(), &env))
+        .collect();
+
+    let spec = &daemonset(docs)["spec"]["template"]["spec"];
+    let volume = |name: &Value| {
+        list(&spec["volumes"])
+            .iter()
+            .find(|volume| &volume["name"] == name)
+            .unwrap()
+    };
+    // The mount holding `path`, and the volume it mounts.
+    let mount_of = |path: &str| {
+        list(&container["volumeMounts"])
+            .iter()
+            .find(|mount| Path::new(path).starts_with(mount["mountPath"].as_str().unwrap()))
+            .map(|mount| (mount, volume(&mount["name"])))
+            .unwrap_or_else(|| panic!("{path} is on no volume of the pod"))
+    };
+
+    let policy = flag(&args, "--policy").to_owned();
+    let (mount, from) = mount_of(&policy);
+    let config_map = find(
+        docs,
+        "ConfigMap",
+        from["configMap"]["name"].as_str().unwrap(),
+    );
+    let key = Path::new(&policy)
+        .strip_prefix(mount["mountPath"].as_str().unwrap())
+        .unwrap();
+    let contents = config_map["data"][key.to_str().unwrap()]
+        .as_str()
+        .unwrap_or_else(|| panic!("the ConfigMap has no {}", key.display()));
+    let local = scratch.join(key);
+    fs::write(&local, contents).unwrap();
+    replace_flag(&mut args, "--policy", local.to_str().unwrap());
+
+    // The pins and the state are the node's, so that they outlive the pod.
+    let bpffs = flag(&args, "--bpffs").to_owned();
+    let (_, from) = mount_of(&bpffs);
+    assert_eq!(from["hostPath"]["path"], "/sys/fs/bpf", "--bpffs {bpffs}");
+    let state = flag(&args, "--state-dir").to_owned();
+    let (_, from) = mount_of(&state);
+    assert!(from["hostPath"]["path"].is_string(), "--state-dir {state}");
+    args
+}
+
+#[test]
+fn the_daemonsets_arguments_pass_run_check() {
+    for (dir, what) in [
+        (deploy().join("kubernetes"), "deploy/kubernetes"),
+        (
+            deploy().join("examples/kubernetes"),
+            "deploy/examples/kubernetes",
+        ),
+    ] {
+        let docs = kustomize(&dir);
+        let scratch = tempfile::tempdir().unwrap();
+        let args = daemonset_command_line(&docs, scratch.path());
+        assert!(
+            args.contains(&format!("--metrics-listen={POD_IP}:9464")),
+            "{what}: {args:?}"
+        );
+        assert_checked(&args, what);
+
+        // The check fails where the agent would: a flag it does not know,
+        // an interface name the kernel refuses, a policy with an error.
+        let mut wrong = args.clone();
+        wrong.push("--no-such-flag".to_owned());
+        assert!(!run_check(&wrong).status.success(), "{what}: unknown flag");
+        let mut wrong = args.clone();
+        replace_flag(&mut wrong, "--interface", "no/such");
+        assert!(!run_check(&wrong).status.success(), "{what}: bad interface");
+        let policy = flag(&args, "--policy").to_owned();
+        fs::write(&policy, "version = 1\ntrust_domain = \"a\"\n[[grant]]\n").unwrap();
+        assert!(!run_check(&args).status.success(), "{what}: bad policy");
+    }
+}
+
+/// A unit file's settings: section → key → values in order.
+type Unit = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+
+fn parse_unit(source: &str) -> Unit {
+    let mut unit = Unit::new();
+    let mut section = String::new();
+    let mut pending = String::new();
+    for line in source.lines() {
+        let line = line.trim();
+        if pending.is_empty() && (line.is_empty() || line.starts_with(['#', ';'])) {
+            continue;
+        }
+        if let Some(continued) = line.strip_suffix('\\') {
+            pending.push_str(continued);
+            pending.push(' ');
+            continue;
+        }
+        let line = std::mem::take(&mut pending) + line;
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+        } else {
+            let (key, value) = line.split_once('=').expect("KEY=VALUE");
+            unit.entry(section.clone())
+                .or_default()
+                .entry(key.trim().to_owned())
+                .or_default()
+                .push(value.trim().to_owned());
+        }
+    }
+    unit
+}
+
+fn setting<'a>(unit: &'a Unit, section: &str, key: &str) -> &'a str {
+    let values = &unit[section][key];
+    assert_eq!(values.len(), 1, "one {key}= in [{section}]");
+    &values[0]
+}
+
+/// An environment file as systemd reads it: KEY=VALUE lines, comments,
+/// values in quotes.
+fn parse_env_file(source: &str) -> BTreeMap<String, String> {
+    source
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with(['#', ';']))
+        .map(|line| {
+            let (key, value) = line.split_once('=').expect("KEY=VALUE");
+            let value = value.trim();
+            let value = ['"', '\'']
+                .into_iter()
+                .find_map(|quote| value.strip_prefix(quote)?.strip_suffix(quote))
+                .unwrap_or(value);
+            (key.trim().to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+/// systemd's expansion of a command line: `$NAME` alone is split at
+/// whitespace into words, `${NAME}` is one word's part.
+fn expand_systemd(command: &str, env: &BTreeMap<String, String>) -> Vec<String> {
+    assert!(
+        !command.contains(['"', '\'', '\\']),
+        "the test reads no quoting: {command}"
+    );
+    let mut words = Vec::new();
+    for word in command.split_whitespace() {
+        if let Some(name) = word.strip_prefix('$')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            words.extend(env[name].split_whitespace().map(str::to_owned));
+            continue;
+        }
+        let mut out = String::new();
+        let mut rest = word;
+        while let Some(at) = rest.find("${") {
+            out.push_str(&rest[..at]);
+            let (name, after) = rest[at + 2..].split_once('}').unwrap();
+            out.push_str(
+                env.get(name)
+                    .unwrap_or_else(|| panic!("${{{name}}} is not set")),
+            );
+            rest = after;
+        }
+        words.push(out + rest);
+    }
+    words
+}
+
+/// The `install … SOURCE DESTINATION` lines of the unit's header: where
+/// each file of the repository goes.
+fn installs(unit_source: &str) -> BTreeMap<String, String> {
+    unit_source
+        .lines()
+        .filter_map(|line| line.strip_prefix('#')?.trim().strip_prefix("install "))
+        .map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let [.., source, destination] = words[..] else {
+                panic!("install line {line:?}")
+            };
+            let destination = if destination.ends_with('/') {
+                format!(
+                    "{destination}{}",
+                    Path::new(source).file_name().unwrap().to_str().unwrap()
+                )
+            } else {
+                destination.to_owned()
+            };
+            (destination, source.to_owned())
+        })
+        .collect()
+}
+
+fn unit_source() -> String {
+    fs::read_to_string(deploy().join("systemd/mesh-agent.service")).unwrap()
+}
+
+#[test]
+fn the_units_arguments_pass_run_check() {
+    let source = unit_source();
+    let unit = parse_unit(&source);
+    let installs = installs(&source);
+    let service = "Service";
+
+    // The environment file is the example beside the unit.
+    let env_file = setting(&unit, service, "EnvironmentFile");
+    assert!(!env_file.starts_with('-'), "the settings are required");
+    assert_eq!(
+        installs.get(env_file).map(String::as_str),
+        Some("deploy/systemd/mesh-agent.env"),
+        "{installs:?}"
+    );
+    let mut env =
+        parse_env_file(&fs::read_to_string(root().join("deploy/systemd/mesh-agent.env")).unwrap());
+    // What systemd sets from StateDirectory= and RuntimeDirectory=.
+    let state_dir = format!("/var/lib/{}", setting(&unit, service, "StateDirectory"));
+    env.insert("STATE_DIRECTORY".to_owned(), state_dir.clone());
+    let runtime_dir = format!("/run/{}", setting(&unit, service, "RuntimeDirectory"));
+    env.insert("RUNTIME_DIRECTORY".to_owned(), runtime_dir);
+
+    let words = expand_systemd(setting(&unit, service, "ExecStart"), &env);
+    assert_eq!(
+        installs.get(&words[0]).map(String::as_str),
+        Some("mesh-agent"),
+        "ExecStart runs the installed agent"
+    );
+    let mut args = words[1..].to_vec();
+    assert_eq!(flag(&args, "--state-dir"), state_dir);
+    let bpffs = flag(&args, "--bpffs").to_owned();
+    assert!(
+        unit[service]["ReadWritePaths"]
+            .iter()
+            .flat_map(|paths| paths.split_whitespace())
+            .any(|path| Path::new(&bpffs).starts_with(path)),
+        "--bpffs {bpffs} must be writable"
+    );
+    let policy = flag(&args, "--policy").to_owned();
+    let from = installs
+        .get(&policy)
+        .unwrap_or_else(|| panic!("the header installs no {policy}"));
+    replace_flag(&mut args, "--policy", root().join(from).to_str().unwrap());
+    assert_checked(&args, "deploy/systemd");
+    assert!(!flag(&args, "--interface").is_empty());
+}
+
+/// `systemd-analyze verify` on a copy of the unit whose agent is the one
+/// just built (verify wants the program to exist); any message fails.
+fn verify(unit: &str) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh-agent.service");
+    fs::write(
+        &file,
+        unit.replace(
+            "/usr/local/bin/mesh-agent",
+            env!("CARGO_BIN_EXE_mesh-agent"),
+        ),
+    )
+    .unwrap();
+    let output = run(systemd_analyze().arg("verify").arg(&file), "");
+    let said = text(&output.stdout) + &text(&output.stderr);
+    if output.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}: {said}", output.status))
+    }
+}
+
+/// The unit's exposure by `systemd-analyze security`, checked against
+/// the ceiling.
+fn exposure_within_ceiling(unit: &str) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh-agent.service");
+    fs::write(
+        &file,
+        unit.replace(
+            "/usr/local/bin/mesh-agent",
+            env!("CARGO_BIN_EXE_mesh-agent"),
+        ),
+    )
+    .unwrap();
+    let output = run(
+        systemd_analyze()
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(format!("--threshold={SYSTEMD_EXPOSURE_MAX}"))
+            .arg(&file),
+        "",
+    );
+    let said = text(&output.stdout) + &text(&output.stderr);
+    let overall = said
+        .lines()
+        .find(|line| line.contains("Overall exposure level"))
+        .unwrap_or("no overall exposure level")
+        .to_owned();
+    if output.status.success() && said.contains("Overall exposure level") {
+        Ok(())
+    } else {
+        Err(format!("{}: {overall}", output.status))
+    }
+}
+
+#[test]
+fn the_unit_verifies() {
+    let unit = unit_source();
+    verify(&unit).unwrap();
+    exposure_within_ceiling(&unit).unwrap();
+    let unit = parse_unit(&unit);
+    for (key, value) in [
+        ("Restart", "on-failure"),
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("CapabilityBoundingSet", "CAP_BPF CAP_NET_ADMIN CAP_PERFMON"),
+    ] {
+        assert_eq!(setting(&unit, "Service", key), value);
+    }
+}
+
+#[test]
+fn broken_units_are_rejected() {
+    let unit = unit_source();
+    for (what, broken) in [
+        (
+            "a value systemd does not know",
+            unit.replace("Restart=on-failure", "Restart=onfailure"),
+        ),
+        (
+            "a bad sandboxing value",
+            unit.replace("ProtectSystem=strict", "ProtectSystem=strictest"),
+        ),
+        (
+            "an unknown setting",
+            unit.replace("ProtectSystem=", "ProtectSystemm="),
+        ),
+        (
+            "a missing program",
+            unit.replace("/usr/local/bin/mesh-agent", "/nonexistent/mesh-agent"),
+        ),
+        (
+            "a setting outside its section",
+            unit.replace("[Service]\n", "[Service]\nWantedBy=multi-user.target\n"),
+        ),
+    ] {
+        assert_ne!(broken, unit, "{what}: the unit did not change");
+        assert!(
+            verify(&broken).is_err(),
+            "{what} passed systemd-analyze verify"
+        );
+    }
+    // Without its sandboxing the unit is over the exposure ceiling.
+    let unsandboxed: String = unit
+        .lines()
+        .filter(|line| {
+            !["Protect", "Private", "Restrict", "SystemCall"]
+                .iter()
+                .any(|prefix| line.starts_with(prefix))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    verify(&unsandboxed).unwrap();
+    assert!(exposure_within_ceiling(&unsandboxed).is_err());
+}
+
+/// The image puts the agent where the DaemonSet and the unit run it, and
+/// builds it as `cargo xtask setup` sets up building.
+#[test]
+fn the_containerfile_fits_the_deployments() {
+    let containerfile = fs::read_to_string(deploy().join("Containerfile")).unwrap();
+    let stages: Vec<&str> = containerfile
+        .lines()
+        .filter(|line| line.starts_with("FROM "))
+        .collect();
+    assert!(stages.len() >= 2, "a multi-stage build");
+    assert!(
+        stages.last().unwrap().contains("distroless"),
+        "a distroless run stage: {stages:?}"
+    );
+    let installed = containerfile
+        .lines()
+        .find_map(|line| line.strip_prefix("COPY --from=build "))
+        .and_then(|line| line.split_whitespace().last())
+        .expect("COPY --from=build SOURCE DESTINATION");
+    assert_eq!(installed, "/usr/local/bin/mesh-agent");
+    let docs = kustomize(&deploy().join("kubernetes"));
+    assert_eq!(container(&docs)["command"][0], installed);
+    let unit = parse_unit(&unit_source());
+    assert!(setting(&unit, "Service", "ExecStart").starts_with(&format!("{installed} ")));
+
+    let setup = fs::read_to_string(root().join("xtask/src/setup.rs")).unwrap();
+    for name in ["LLVM_MAJOR", "BPF_LINKER_VERSION"] {
+        let in_setup = setup
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("const {name}: &str = \"")))
+            .and_then(|rest| rest.strip_suffix("\";"))
+            .unwrap_or_else(|| panic!("{name} not found in setup.rs"));
+        assert!(
+            containerfile.contains(&format!("ARG {name}={in_setup}\n")),
+            "the Containerfile's {name} is not setup.rs's {in_setup}"
+        );
+    }
+}
