@@ -1,11 +1,24 @@
 //! Watching the policy file: its folder, for the file being written, created
 //! or renamed into place (editors and config management replace files
 //! rather than writing them in place).
+//!
+//! A Kubernetes ConfigMap mounted as a folder changes differently: the
+//! policy file is a symlink through `..data`, and the kubelet updates the
+//! files by renaming a new `..data` symlink into place. That rename is a
+//! change to the policy too.
 
-use std::{ffi::OsString, io, path::Path};
+use std::{
+    ffi::{OsStr, OsString},
+    io,
+    path::Path,
+};
 
 use futures_util::StreamExt as _;
 use inotify::{EventStream, Inotify, WatchMask};
+
+/// The symlink that the kubelet renames into a ConfigMap's or a Secret's
+/// folder to update the files in it all at once.
+const KUBELET_DATA: &str = "..data";
 
 pub struct PolicyWatch {
     events: EventStream<Vec<u8>>,
@@ -38,7 +51,9 @@ impl PolicyWatch {
     /// Waits for the next change to the policy file.
     pub async fn next(&mut self) -> io::Result<()> {
         while let Some(event) = self.events.next().await {
-            if event?.name.as_deref() == Some(self.name.as_os_str()) {
+            let event = event?;
+            let name = event.name.as_deref();
+            if name == Some(self.name.as_os_str()) || name == Some(OsStr::new(KUBELET_DATA)) {
                 return Ok(());
             }
         }
@@ -51,5 +66,53 @@ impl PolicyWatch {
     /// Discards events already queued (after a burst has settled).
     pub fn drain(&mut self) {
         while let Some(Some(_)) = futures_util::FutureExt::now_or_never(self.events.next()) {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, os::unix::fs::symlink, time::Duration};
+
+    use super::*;
+
+    /// Waits up to a second for the watch to report a change.
+    async fn changed(watch: &mut PolicyWatch) -> bool {
+        tokio::time::timeout(Duration::from_secs(1), watch.next())
+            .await
+            .is_ok_and(|result| result.is_ok())
+    }
+
+    /// A ConfigMap update as the kubelet's atomic writer makes it: the new
+    /// files in a new timestamped folder, then a `..data_tmp` symlink to it
+    /// renamed over `..data`; `policy.toml` itself never changes.
+    #[tokio::test]
+    async fn a_configmap_update_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir(root.join("..2026_01_01_00_00_00.1")).unwrap();
+        fs::write(root.join("..2026_01_01_00_00_00.1/policy.toml"), "old").unwrap();
+        symlink("..2026_01_01_00_00_00.1", root.join("..data")).unwrap();
+        symlink("..data/policy.toml", root.join("policy.toml")).unwrap();
+        let mut watch = PolicyWatch::new(&root.join("policy.toml")).unwrap();
+
+        fs::create_dir(root.join("..2026_01_01_00_01_00.2")).unwrap();
+        fs::write(root.join("..2026_01_01_00_01_00.2/policy.toml"), "new").unwrap();
+        symlink("..2026_01_01_00_01_00.2", root.join("..data_tmp")).unwrap();
+        fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        assert!(
+            changed(&mut watch).await,
+            "the rename of ..data went unseen"
+        );
+        assert_eq!(fs::read_to_string(root.join("policy.toml")).unwrap(), "new");
+    }
+
+    #[tokio::test]
+    async fn other_files_in_the_folder_are_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut watch = PolicyWatch::new(&dir.path().join("policy.toml")).unwrap();
+        fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        assert!(!changed(&mut watch).await);
+        fs::write(dir.path().join("policy.toml"), "x").unwrap();
+        assert!(changed(&mut watch).await);
     }
 }
