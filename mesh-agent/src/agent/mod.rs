@@ -308,6 +308,8 @@ impl Agent {
         let hook = match self.options.ingress {
             Ingress::Tc => Hook::TcIngress,
             Ingress::Xdp => Hook::Xdp,
+            // L3 devices (WireGuard, TUN) have no XDP of their own.
+            Ingress::Auto if datapath::is_l3(interface) => Hook::TcIngress,
             Ingress::Auto => match self
                 .datapath
                 .attach_pinned(&self.pins, interface, Hook::Xdp)

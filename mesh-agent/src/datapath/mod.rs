@@ -25,7 +25,7 @@ pub use entries::{Clock, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate};
 pub use events::parse_event;
 pub use inspect::{Inspection, MapFill, inspect};
 use mesh_common::{config, maps, programs};
-pub use pin::{Hook, Pins, unpin_all};
+pub use pin::{Hook, Pins, is_l3, unpin_all};
 pub use sizes::MapSizes;
 pub use sys::bpf as bpf_syscall;
 pub use test_run::{Entry, TestVerdict};

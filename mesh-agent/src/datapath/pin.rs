@@ -178,8 +178,12 @@ impl Datapath {
             {
                 let attachment = match hook {
                     Hook::Xdp => self.attach_xdp(interface, aya::programs::XdpMode::Driver)?,
-                    Hook::TcIngress => self.attach_tc(interface, TcAttachType::Ingress, false)?,
-                    Hook::TcEgress => self.attach_tc(interface, TcAttachType::Egress, false)?,
+                    Hook::TcIngress => {
+                        self.attach_tc(interface, TcAttachType::Ingress, is_l3(interface))?
+                    }
+                    Hook::TcEgress => {
+                        self.attach_tc(interface, TcAttachType::Egress, is_l3(interface))?
+                    }
                 };
                 self.release(attachment)?
                     .pin(&path)
@@ -201,7 +205,7 @@ impl Datapath {
         interface: &str,
         direction: TcAttachType,
     ) -> Result<(), DatapathError> {
-        let name = mesh_common::programs::TC;
+        let name = tc_program(interface);
         let link = self.attach_clsact(interface, direction, name)?;
         let program = self.tc(name)?;
         // Dropping our hold on the filter would detach it.
@@ -247,7 +251,7 @@ impl Datapath {
             }
             Hook::TcIngress | Hook::TcEgress => {
                 let link = SchedClassifierLink::try_from(link).map_err(invalid)?;
-                let program = mesh_common::programs::TC;
+                let program = tc_program(interface);
                 self.tc(program)?
                     .attach_to_link(link)
                     .map(|link| Attachment::Tc { program, link })
@@ -329,6 +333,37 @@ fn detach_filter(interface: &str, direction: TcAttachType) -> io::Result<()> {
     match filter.detach() {
         Err(ProgramError::NetlinkError(err)) if err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         detached => detached.map_err(io::Error::other),
+    }
+}
+
+/// The TC program for `interface`: the L3 one on devices without an
+/// Ethernet header.
+fn tc_program(interface: &str) -> &'static str {
+    if is_l3(interface) {
+        mesh_common::programs::TC_L3
+    } else {
+        mesh_common::programs::TC
+    }
+}
+
+/// Whether `interface` (in the calling thread's network namespace, which
+/// /sys may not show) carries bare IP packets, as WireGuard and TUN devices
+/// do: such devices need the L3 program, and have no XDP of their own.
+pub fn is_l3(interface: &str) -> bool {
+    // SAFETY: a zeroed ifreq with a NUL-terminated name is what
+    // SIOCGIFHWADDR reads; the socket is closed by OwnedFd.
+    unsafe {
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if socket < 0 {
+            return false;
+        }
+        let _socket = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(socket);
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in request.ifr_name.iter_mut().zip(interface.bytes().take(15)) {
+            *dst = src as libc::c_char;
+        }
+        libc::ioctl(socket, libc::SIOCGIFHWADDR, &mut request) == 0
+            && request.ifr_ifru.ifru_hwaddr.sa_family == libc::ARPHRD_NONE
     }
 }
 
