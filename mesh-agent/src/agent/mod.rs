@@ -208,6 +208,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Gives the heap's free pages back to the kernel. Parsing a large policy
+/// briefly takes far more memory than the result keeps (docs/performance.md,
+/// "Parsing"), and glibc would otherwise hold on to those pages for good.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl Agent {
     /// Loads, compiles and installs the policy file, and counts the attempt.
     fn apply(&mut self) -> Result<(), AgentError> {
@@ -225,6 +236,7 @@ impl Agent {
                 .observe(started.elapsed().as_secs_f64());
             self.metrics.ready.store(true, Ordering::Relaxed);
         }
+        release_freed_memory();
         result
     }
 
