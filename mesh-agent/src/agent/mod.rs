@@ -175,9 +175,11 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
         tokio::select! {
             _ = hangup.recv() => agent.reload("SIGHUP"),
             changed = changes.next() => {
-                changed.map_err(events)?;
-                // Let a burst of writes (editors, `cp`, renames) settle.
-                tokio::time::sleep(SETTLE).await;
+                // A file renamed into place is complete; one written in
+                // place may see more writes (editors, `cp`): let them settle.
+                if changed.map_err(events)? == watch::Change::Written {
+                    tokio::time::sleep(SETTLE).await;
+                }
                 changes.drain();
                 agent.reload("policy file changed");
             }

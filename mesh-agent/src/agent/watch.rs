@@ -14,11 +14,20 @@ use std::{
 };
 
 use futures_util::StreamExt as _;
-use inotify::{EventStream, Inotify, WatchMask};
+use inotify::{EventMask, EventStream, Inotify, WatchMask};
 
 /// The symlink that the kubelet renames into a ConfigMap's or a Secret's
 /// folder to update the files in it all at once.
 const KUBELET_DATA: &str = "..data";
+
+/// How the policy file changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Renamed into place: complete.
+    Whole,
+    /// Created or written in place: more writes may follow.
+    Written,
+}
 
 pub struct PolicyWatch {
     events: EventStream<Vec<u8>>,
@@ -48,13 +57,18 @@ impl PolicyWatch {
         })
     }
 
-    /// Waits for the next change to the policy file.
-    pub async fn next(&mut self) -> io::Result<()> {
+    /// Waits for the next change to the policy file. `Whole` when a file
+    /// was renamed into place, which is atomic: the new content is all there.
+    pub async fn next(&mut self) -> io::Result<Change> {
         while let Some(event) = self.events.next().await {
             let event = event?;
             let name = event.name.as_deref();
             if name == Some(self.name.as_os_str()) || name == Some(OsStr::new(KUBELET_DATA)) {
-                return Ok(());
+                return Ok(if event.mask.contains(EventMask::MOVED_TO) {
+                    Change::Whole
+                } else {
+                    Change::Written
+                });
             }
         }
         Err(io::Error::new(
@@ -76,10 +90,11 @@ mod tests {
     use super::*;
 
     /// Waits up to a second for the watch to report a change.
-    async fn changed(watch: &mut PolicyWatch) -> bool {
+    async fn changed(watch: &mut PolicyWatch) -> Option<Change> {
         tokio::time::timeout(Duration::from_secs(1), watch.next())
             .await
-            .is_ok_and(|result| result.is_ok())
+            .ok()
+            .and_then(Result::ok)
     }
 
     /// A ConfigMap update as the kubelet's atomic writer makes it: the new
@@ -99,8 +114,9 @@ mod tests {
         fs::write(root.join("..2026_01_01_00_01_00.2/policy.toml"), "new").unwrap();
         symlink("..2026_01_01_00_01_00.2", root.join("..data_tmp")).unwrap();
         fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
-        assert!(
+        assert_eq!(
             changed(&mut watch).await,
+            Some(Change::Whole),
             "the rename of ..data went unseen"
         );
         assert_eq!(fs::read_to_string(root.join("policy.toml")).unwrap(), "new");
@@ -111,8 +127,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut watch = PolicyWatch::new(&dir.path().join("policy.toml")).unwrap();
         fs::write(dir.path().join("notes.txt"), "x").unwrap();
-        assert!(!changed(&mut watch).await);
+        assert_eq!(changed(&mut watch).await, None);
         fs::write(dir.path().join("policy.toml"), "x").unwrap();
-        assert!(changed(&mut watch).await);
+        assert_eq!(changed(&mut watch).await, Some(Change::Written));
+    }
+
+    #[tokio::test]
+    async fn a_file_renamed_into_place_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut watch = PolicyWatch::new(&dir.path().join("policy.toml")).unwrap();
+        fs::write(dir.path().join(".policy.toml.new"), "x").unwrap();
+        fs::rename(
+            dir.path().join(".policy.toml.new"),
+            dir.path().join("policy.toml"),
+        )
+        .unwrap();
+        assert_eq!(changed(&mut watch).await, Some(Change::Whole));
     }
 }
