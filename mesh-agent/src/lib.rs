@@ -3,9 +3,12 @@
 
 pub mod agent;
 pub mod capture;
+pub mod control;
 pub mod datapath;
+pub mod exec;
 pub mod identity;
 pub mod metrics;
+pub mod node;
 pub mod policy;
 pub mod reference;
 pub mod replay;

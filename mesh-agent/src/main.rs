@@ -8,9 +8,10 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    agent,
+    agent, control,
     datapath::MapSizes,
     identity::{self, IssuerKey, TrustBundle, Verifier},
+    node,
     policy::{self, SpiffeId, TrustDomain},
     replay,
 };
@@ -34,9 +35,12 @@ enum Command {
     /// Identity tokens: make an issuer key, issue tokens, check them.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The node mesh: join tokens, and the node's WireGuard key.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Run the node agent: enforce the policy on the interfaces and keep it
     /// in step with the file.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what the agent runs or left behind: policy, attachments, maps.
     Status {
         #[command(flatten)]
@@ -72,6 +76,94 @@ enum Command {
         #[command(flatten)]
         places: Places,
     },
+    /// Run a command bound to the identity a token proves: its sockets
+    /// reach what that identity is granted, from the identity's own address.
+    ///
+    /// Asks the running agent to check the token; exits 1 if it refuses.
+    /// Writing a new token to FILE hands it to the agent, before the old
+    /// one expires. Exits as the command does.
+    Exec {
+        /// The token file.
+        #[arg(long, value_name = "FILE")]
+        token: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
+        /// The command and its arguments, after `--`.
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Revoke an identity: every flow of it on this node stops within a
+    /// second, live ones included, and it binds no more, until `unrevoke`.
+    /// Kept across agent restarts.
+    Revoke {
+        /// The identity (a SPIFFE ID).
+        id: SpiffeId,
+        /// Why, for the audit log and `status`.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Lift a revocation. Flows it ended stay ended.
+    Unrevoke {
+        /// The identity (a SPIFFE ID).
+        id: SpiffeId,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+/// How to reach the running agent.
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The agent's control socket [default: STATE_DIR/agent.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The agent's state folder.
+    #[arg(long, default_value = "/var/lib/mesh")]
+    state_dir: PathBuf,
+}
+
+impl ControlArgs {
+    fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(control::SOCKET_FILE))
+    }
+}
+
+/// Binding processes to identities, and the control socket.
+#[derive(clap::Args)]
+struct BindingArgs {
+    /// The trust bundle (JWKS) identity tokens are checked against.
+    #[arg(long, value_name = "FILE")]
+    trust_bundle: Option<PathBuf>,
+    /// The agent pool: source addresses for bound processes, one IPv4
+    /// and/or one IPv6 prefix. With a pool the agent binds processes.
+    #[arg(long = "agent-pool", value_name = "CIDR", requires = "trust_bundle")]
+    agent_pools: Vec<ipnet::IpNet>,
+    /// The cgroup v2 folder below which bound processes run [default:
+    /// mesh below the cgroup v2 mount].
+    #[arg(long, value_name = "DIR")]
+    cgroup_root: Option<PathBuf>,
+    /// The control socket for exec, revoke and unrevoke [default:
+    /// STATE_DIR/agent.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+impl BindingArgs {
+    fn options(&self, state_dir: &std::path::Path) -> agent::BindingOptions {
+        agent::BindingOptions {
+            trust_bundle: self.trust_bundle.clone(),
+            pools: self.agent_pools.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+            socket: self
+                .socket
+                .clone()
+                .unwrap_or_else(|| state_dir.join(control::SOCKET_FILE)),
+        }
+    }
 }
 
 /// Where an agent keeps its state.
@@ -91,7 +183,7 @@ struct RunArgs {
     #[arg(long)]
     policy: PathBuf,
     /// An interface to enforce on (ingress and egress); repeat for more.
-    #[arg(long = "interface", required = true)]
+    #[arg(long = "interface", required_unless_present = "join_token")]
     interfaces: Vec<String>,
     /// The hook for arriving packets.
     #[arg(long, value_enum, default_value_t)]
@@ -117,6 +209,10 @@ struct RunArgs {
     flow_events_burst: u32,
     #[command(flatten)]
     places: Places,
+    #[command(flatten)]
+    mesh: MeshArgs,
+    #[command(flatten)]
+    binding: BindingArgs,
     /// Check the options and the policy, print what would be done, and exit
     /// without touching the kernel.
     #[arg(long)]
@@ -153,6 +249,154 @@ enum PolicyCommand {
         /// A pcap or pcapng capture, Ethernet or raw IP.
         capture: PathBuf,
     },
+}
+
+/// Joining the node mesh.
+#[derive(clap::Args)]
+struct MeshArgs {
+    /// This node's join token (made by `node token issue`): join the mesh.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires_all = ["store", "mesh_bundle", "endpoint", "mesh_range"]
+    )]
+    join_token: Option<PathBuf>,
+    /// Where node records are shared: dir:PATH, a path, or
+    /// etcd://HOST:PORT[,HOST:PORT…]/PREFIX.
+    #[arg(long, value_name = "STORE")]
+    store: Option<node::StoreSpec>,
+    /// The trust bundle of the admin keys that sign join tokens.
+    #[arg(long, value_name = "FILE")]
+    mesh_bundle: Option<PathBuf>,
+    /// Where other nodes reach this node's WireGuard; it listens on the
+    /// port.
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    endpoint: Option<std::net::SocketAddr>,
+    /// The mesh's address range: every node's prefix lies in it, and all of
+    /// it is routed into the tunnel.
+    #[arg(long, value_name = "CIDR")]
+    mesh_range: Option<ipnet::IpNet>,
+    /// The mesh interface's name (at most 15 characters).
+    #[arg(long, value_name = "NAME", default_value = "mesh0")]
+    mesh_interface: String,
+    /// The WireGuard implementation.
+    #[arg(long, value_enum, default_value_t)]
+    wireguard: node::WireGuardMode,
+    /// The userspace WireGuard program (boringtun-cli), for --wireguard
+    /// userspace and auto without kernel WireGuard.
+    #[arg(long, value_name = "PROGRAM", default_value = "boringtun-cli")]
+    wireguard_userspace: PathBuf,
+    /// Seconds between keepalives to each peer; 0 for none.
+    #[arg(long, value_name = "SECONDS", default_value_t = 25)]
+    keepalive: u16,
+    /// Make a new WireGuard key this often (90s, 1h, 7d).
+    #[arg(long, value_name = "DURATION", value_parser = identity::parse_ttl)]
+    key_rotation: Option<Duration>,
+}
+
+impl MeshArgs {
+    /// `None` without `--join-token`; clap makes sure the rest is there.
+    fn options(&self, state_dir: &std::path::Path) -> anyhow::Result<Option<node::MeshOptions>> {
+        let Some(join_token) = self.join_token.clone() else {
+            return Ok(None);
+        };
+        Ok(Some(node::MeshOptions {
+            join_token,
+            bundle: self
+                .mesh_bundle
+                .clone()
+                .context("--mesh-bundle is required")?,
+            store: self.store.clone().context("--store is required")?,
+            endpoint: self.endpoint.context("--endpoint is required")?,
+            mesh_range: self.mesh_range.context("--mesh-range is required")?,
+            interface: self.mesh_interface.clone(),
+            wireguard: self.wireguard,
+            userspace_program: self.wireguard_userspace.clone(),
+            keepalive: self.keepalive,
+            key_rotation: self.key_rotation,
+            state_dir: state_dir.to_owned(),
+        }))
+    }
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Join tokens: the admin's grant to a node of its name and prefix.
+    #[command(subcommand)]
+    Token(NodeTokenCommand),
+    /// Print this node's signing key, for `node token issue --node-key`
+    /// (made on first use, like `run` makes it).
+    Key {
+        /// The agent's state folder, which holds the key.
+        #[arg(long, default_value = "/var/lib/mesh")]
+        state_dir: PathBuf,
+    },
+    /// Make a new WireGuard key for this node. A running agent takes it
+    /// into use and publishes it; peers follow.
+    RotateKey {
+        /// The agent's state folder, which holds the key.
+        #[arg(long, default_value = "/var/lib/mesh")]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeTokenCommand {
+    /// Issue a join token and print it.
+    Issue {
+        /// The admin key, as `token keygen` writes it.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The node's name.
+        #[arg(long, value_name = "NAME")]
+        node: node::NodeName,
+        /// The prefix the node owns: its agents' addresses come from it.
+        #[arg(long, value_name = "CIDR")]
+        prefix: ipnet::IpNet,
+        /// The node's signing key, as `mesh-agent node key` prints it on
+        /// the node: only records it signs are the node's.
+        #[arg(long, value_name = "KEY")]
+        node_key: node::SigningPublicKey,
+        /// How long the token is valid (90s, 15m, 1h, 7d; at most 365d).
+        #[arg(long, value_name = "DURATION", value_parser = identity::parse_ttl)]
+        ttl: Duration,
+    },
+}
+
+fn node(command: NodeCommand) -> anyhow::Result<()> {
+    match command {
+        NodeCommand::Token(NodeTokenCommand::Issue {
+            key,
+            node,
+            prefix,
+            node_key,
+            ttl,
+        }) => {
+            if prefix != prefix.trunc() {
+                anyhow::bail!(
+                    "--prefix {prefix}: host bits are set; did you mean {}?",
+                    prefix.trunc()
+                );
+            }
+            let key = IssuerKey::load(&key)?;
+            println!(
+                "{}",
+                node::token::issue(&key, &node, prefix, &node_key, ttl, SystemTime::now())?
+            );
+        }
+        NodeCommand::Key { state_dir } => {
+            std::fs::create_dir_all(&state_dir)
+                .with_context(|| format!("creating {}", state_dir.display()))?;
+            let (key, _) = node::SigningKey::load_or_create(&state_dir)?;
+            println!("{}", key.public());
+        }
+        NodeCommand::RotateKey { state_dir } => {
+            let key = node::NodeKey::generate()?;
+            key.save(&state_dir)?;
+            println!("new public key: {}", key.public());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -209,6 +453,25 @@ enum TokenCommand {
         #[arg(long, value_name = "AUDIENCE", default_value = identity::DEFAULT_AUDIENCE)]
         aud: String,
     },
+}
+
+/// Sends a revocation request to the running agent and prints its answer.
+fn ask_agent(args: &ControlArgs, request: control::Request) -> anyhow::Result<()> {
+    let socket = args.socket();
+    let answer = control::request(&socket, &request).with_context(|| {
+        format!(
+            "is an agent running with the control socket {}?",
+            socket.display()
+        )
+    })?;
+    match answer {
+        control::Response::Done { message } => println!("{message}"),
+        control::Response::Refused { reason, message } => {
+            anyhow::bail!("the agent refused ({reason}): {message}")
+        }
+        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+    }
+    Ok(())
 }
 
 /// The flow log's name in the state folder.
@@ -353,6 +616,11 @@ fn check_run(args: &RunArgs) -> anyhow::Result<()> {
         "metrics: http://{}/metrics, /healthz and /readyz (at most {} series)",
         args.metrics_listen, args.metrics_max_series
     );
+    if let Some(mesh) = args.mesh.options(&args.places.state_dir)? {
+        for line in node::check(&mesh)? {
+            println!("{line}");
+        }
+    }
     println!("checked only: nothing was loaded, attached, pinned or written");
     Ok(())
 }
@@ -393,6 +661,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_else(|| args.places.state_dir.join(FLOW_LOG)),
                 flow_events_rate: args.flow_events_rate,
                 flow_events_burst: args.flow_events_burst,
+                mesh: args.mesh.options(&args.places.state_dir)?,
+                bindings: args.binding.options(&args.places.state_dir),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -426,8 +696,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Teardown { places } => {
             agent::teardown(&places.state_dir, &places.bpffs)?;
             println!("mesh removed from {}", places.bpffs.display());
+            let removed = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(node::teardown(&places.state_dir))?;
+            if let Some(interface) = removed {
+                println!("mesh interface {interface} and its routes removed");
+            }
+        }
+        Command::Exec {
+            token,
+            control,
+            command,
+        } => {
+            let code = mesh_agent::exec::exec(&control.socket(), &token, &command)?;
+            std::process::exit(code);
+        }
+        Command::Revoke {
+            id,
+            reason,
+            control,
+        } => ask_agent(
+            &control,
+            control::Request::Revoke {
+                id: id.to_string(),
+                reason,
+            },
+        )?,
+        Command::Unrevoke { id, control } => {
+            ask_agent(&control, control::Request::Unrevoke { id: id.to_string() })?
         }
         Command::Token(command) => token(command)?,
+        Command::Node(command) => node(command)?,
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = policy::load(&file)?;
             println!("{}: valid: {}", file.display(), policy.summary());

@@ -147,6 +147,14 @@ impl Metrics {
         }))
     }
 
+    /// Adds metrics kept by another part of the agent (the node mesh).
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> prometheus::Result<()> {
+        self.registry.register(collector)
+    }
+
     /// Reads the kernel's figures and renders every metric as text.
     pub fn render(&self) -> String {
         if let Ok(inspection) = datapath::inspect(&self.pins) {

@@ -45,6 +45,9 @@ pub mod maps {
     pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
     /// `PerCpuArray<u64>`: events lost to the rate limit or a full ring.
     pub const EVENTS_LOST: &str = "EVENTS_LOST";
+    /// `HashMap<u64, CgroupBinding>`: cgroup id → the identity bound to
+    /// the processes in it.
+    pub const CGROUPS: &str = "CGROUPS";
 }
 
 /// Names of the programs in the object file.
@@ -55,6 +58,12 @@ pub mod programs {
     pub const TC: &str = "mesh_tc";
     /// TC on L3 devices without an Ethernet header (WireGuard interfaces).
     pub const TC_L3: &str = "mesh_tc_l3";
+    /// Cgroup socket hooks of bound processes: `connect()` on IPv4 and IPv6
+    /// sockets, and `sendmsg()` with an address on UDP sockets.
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
 }
 
 /// Indexes into the [`maps::CONFIG`] array.
@@ -377,6 +386,31 @@ pub struct Verdict {
 }
 const _: () = assert!(core::mem::size_of::<Verdict>() == 16);
 
+/// The identity of the processes in one cgroup, bound at run time with a
+/// token, and the source addresses their sockets get. Addresses in network
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupBinding {
+    /// Boot-clock nanoseconds at which the token expires: from then on the
+    /// processes open no flows.
+    pub valid_until_ns: u64,
+    pub tag: u32,
+    /// The IPv4 source address, if `families` has [`binding::V4`].
+    pub addr4: [u8; 4],
+    /// The IPv6 source address, if `families` has [`binding::V6`].
+    pub addr6: [u8; 16],
+    pub families: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<CgroupBinding>() == 40);
+
+/// Bits of [`CgroupBinding::families`].
+pub mod binding {
+    pub const V4: u8 = 1 << 0;
+    pub const V6: u8 = 1 << 1;
+}
+
 /// One flow event: a denied packet or a newly admitted flow, as the kernel
 /// saw it. Addresses in the 16-byte form; ports as on the wire, in host order.
 #[repr(C)]
@@ -433,6 +467,7 @@ pub mod capacity {
     pub const FLOWS: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8_192;
     pub const COUNTERS: u32 = 16_384;
+    pub const CGROUPS: u32 = 4_096;
 }
 
 #[cfg(feature = "user")]
@@ -457,4 +492,5 @@ mod pod {
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for Verdict {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for CgroupBinding {}
 }

@@ -4,13 +4,15 @@
 mod frame;
 mod maps;
 mod parse;
+mod socket;
 mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
+use socket::Call;
 
 #[xdp]
 pub fn mesh_xdp(ctx: XdpContext) -> u32 {
@@ -29,6 +31,26 @@ pub fn mesh_tc(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn mesh_tc_l3(ctx: TcContext) -> i32 {
     tc_action(verdict::run(&ctx, false))
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    socket::judge4(&ctx, Call::Connect)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    socket::judge6(&ctx, Call::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    socket::judge4(&ctx, Call::Sendmsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    socket::judge6(&ctx, Call::Sendmsg)
 }
 
 #[inline(always)]

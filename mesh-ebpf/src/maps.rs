@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use mesh_common::{
-    AddrKey, BucketKey, CounterKey, CounterValue, DestinationClass, FlowKey, FlowValue,
-    FragmentKey, FragmentValue, GrantInfo, GrantKey, GrantRefs, IdentityValue, PortKey,
+    AddrKey, BucketKey, CgroupBinding, CounterKey, CounterValue, DestinationClass, FlowKey,
+    FlowValue, FragmentKey, FragmentValue, GrantInfo, GrantKey, GrantRefs, IdentityValue, PortKey,
     ServiceSlot, Verdict, capacity, config, events,
 };
 
@@ -70,3 +70,6 @@ pub static EVENT_BUCKET: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static CGROUPS: HashMap<u64, CgroupBinding> = HashMap::with_max_entries(capacity::CGROUPS, 0);

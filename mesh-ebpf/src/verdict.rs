@@ -137,11 +137,7 @@ fn judge<F: Frame>(frame: &F, l2: bool) -> Outcome {
         Parsed::Ip => {}
     }
     let state = config_word(config::STATE);
-    let now = match config_word(config::CLOCK_OVERRIDE) {
-        // SAFETY: a helper without arguments.
-        0 => unsafe { bpf_ktime_get_boot_ns() },
-        fixed => fixed,
-    };
+    let now = now();
     // The steps below are BPF functions of their own, which may only return
     // scalars: each fills `outcome`.
     let mut outcome = unattributed(Reason::Malformed);
@@ -168,6 +164,38 @@ fn unattributed(reason: Reason) -> Outcome {
 #[inline(always)]
 fn config_word(index: u32) -> u64 {
     CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// The boot clock, or the fixed instant replay and the tests set.
+#[inline(always)]
+pub fn now() -> u64 {
+    match config_word(config::CLOCK_OVERRIDE) {
+        // SAFETY: a helper without arguments.
+        0 => unsafe { bpf_ktime_get_boot_ns() },
+        fixed => fixed,
+    }
+}
+
+/// Whether a grant lets the bound identity `source` open a flow to
+/// (`dst`, `service_proto`, `dport`), judged as the flow's first packet
+/// will be — except that no rate token is taken: that packet takes it.
+/// For the socket hooks of bound processes.
+#[inline(never)]
+pub fn socket_granted(source: u32, dst: &[u8; 16], service_proto: u8, dport: u16) -> bool {
+    let state = config_word(config::STATE);
+    let generation = config::generation(state);
+    let (service, slot) = service_of(generation, dst, service_proto, dport);
+    let mut decision = Decision::DENIED;
+    let query = Query {
+        now: now(),
+        source,
+        service,
+        slot,
+        generation,
+        new_flow: false,
+    };
+    decide(&query, &mut decision);
+    decision.reason == Reason::Grant
 }
 
 /// Not inlined, like the other steps: each gets its own stack frame.
@@ -424,11 +452,19 @@ fn flow_key(src: &[u8; 16], sport: u16, dst: &[u8; 16], dport: u16, proto: u8) -
 #[inline(always)]
 fn classify(generation: u8, tuple: &Direction) -> (u32, u32, u32) {
     let identity = source_identity(generation, tuple.src);
-    if tuple.service_proto == 0 {
-        return (identity, service::NONE, 0);
+    let (service, slot) = service_of(generation, tuple.dst, tuple.service_proto, tuple.dport);
+    (identity, service, slot)
+}
+
+/// (service, slot) of a destination; `service::NONE` where the protocol
+/// code is 0 or no service matches.
+#[inline(always)]
+fn service_of(generation: u8, dst: &[u8; 16], service_proto: u8, dport: u16) -> (u32, u32) {
+    if service_proto == 0 {
+        return (service::NONE, 0);
     }
-    let found = service_slot(generation, tuple.dst, tuple.service_proto, tuple.dport);
-    (identity, (found >> 32) as u32, found as u32)
+    let found = service_slot(generation, dst, service_proto, dport);
+    ((found >> 32) as u32, found as u32)
 }
 
 /// The service and slot of (destination, protocol, port), packed as

@@ -16,7 +16,9 @@ use crate::cmd::{self, output, step, workspace_root};
 /// The VM suites need qemu, busybox, kmod (depmod), xz-utils and
 /// wireguard-tools; the benchmarks nftables and netsniff-ng (trafgen); the
 /// metrics tests prometheus (the server and promtool); the deployment tests
-/// systemd (systemd-analyze) and python3-venv.
+/// systemd (systemd-analyze) and python3-venv; the node mesh tests
+/// etcd-server; and building the agent protobuf-compiler and libprotobuf-dev
+/// (protoc and its well-known types, for the etcd client's gRPC code).
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -30,8 +32,14 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "systemd",
     "python3-venv",
+    "etcd-server",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The userspace WireGuard the node mesh tests run where the kernel has no
+/// WireGuard module.
+const BORINGTUN_VERSION: &str = "0.7.1";
 /// The nightly's bundled LLVM major version; bpf-linker's cargo feature names it.
 const LLVM_MAJOR: &str = "22";
 /// The deployment tests' Python tools, in a virtual environment in
@@ -71,6 +79,7 @@ pub fn run() -> anyhow::Result<()> {
     let sysroot = nightly_sysroot()?;
     rust_src(&sysroot)?;
     bpf_linker(&sysroot)?;
+    boringtun()?;
     deploy_tools()?;
     step("setup complete");
     Ok(())
@@ -161,6 +170,31 @@ fn rust_src(sysroot: &Path) -> anyhow::Result<()> {
         "nightly",
     ]))
     .context("could not install rust-src for the nightly toolchain")
+}
+
+/// boringtun-cli into `target/tools/bin`, pinned and locked like bpf-linker.
+fn boringtun() -> anyhow::Result<()> {
+    let tools = workspace_root().join("target/tools");
+    let binary = tools.join("bin/boringtun-cli");
+    let version = output(Command::new(&binary).arg("--version"));
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(BORINGTUN_VERSION))
+    {
+        step(&format!("boringtun-cli {BORINGTUN_VERSION} present"));
+        return Ok(());
+    }
+    step(&format!(
+        "building boringtun-cli {BORINGTUN_VERSION} (about 30 s)"
+    ));
+    cmd::run(
+        Command::new("cargo")
+            .args(["install", "boringtun-cli", "--locked", "--version"])
+            .arg(BORINGTUN_VERSION)
+            .arg("--root")
+            .arg(&tools),
+    )
+    .context("building boringtun-cli failed")
 }
 
 /// bpf-linker must use the very LLVM that the nightly's rustc emits bitcode

@@ -5,6 +5,7 @@
 //! rejected whole and the previous one keeps enforcing. On SIGTERM the agent
 //! exits and enforcement stays, pinned, until `mesh-agent teardown`.
 
+mod bindings;
 mod flows;
 mod lock;
 mod preflight;
@@ -23,6 +24,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use self::{
+    bindings::{Binding, BindingError, BindingOptions, read_bindings},
     flows::{FlowFilter, FlowRecord, show_flows},
     lock::{AgentLock, LockError},
     preflight::PreflightError,
@@ -63,6 +65,10 @@ pub struct Options {
     /// The kernel's flow event limit: sustained per second, and at once.
     pub flow_events_rate: u32,
     pub flow_events_burst: u32,
+    /// Join the node mesh: its interface is enforced on like the others.
+    pub mesh: Option<crate::node::MeshOptions>,
+    /// Binding processes to identities, and the control socket.
+    pub bindings: BindingOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +100,18 @@ pub enum AgentError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     MetricsListen(std::io::Error),
+    #[error(transparent)]
+    Mesh(#[from] crate::node::MeshError),
+    #[error(transparent)]
+    Bindings(#[from] BindingError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// Changes to the policy file closer together than this are applied once.
 const SETTLE: Duration = Duration::from_millis(100);
 
-pub async fn run(options: Options) -> Result<(), AgentError> {
+pub async fn run(mut options: Options) -> Result<(), AgentError> {
     preflight::check_btf()?;
     preflight::check_interfaces(&options.interfaces)?;
     preflight::ensure_bpffs(&options.bpffs)?;
@@ -115,6 +127,15 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
     }
     let _lock = AgentLock::take(&options.bpffs)?;
     let metrics = Metrics::new(options.bpffs.clone(), options.metrics_max_series)?;
+    // The mesh interface is made, without peers, before anything is
+    // attached, so that it is enforced on like the others from the start.
+    let mesh = match options.mesh.take() {
+        Some(mesh) => Some(crate::node::Mesh::start(mesh, &metrics).await?),
+        None => None,
+    };
+    if let Some(mesh) = &mesh {
+        options.interfaces.push(mesh.interface().to_owned());
+    }
     let listener = metrics::bind(options.metrics_listen)
         .await
         .map_err(AgentError::MetricsListen)?;
@@ -138,11 +159,13 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
             bpffs: options.bpffs.clone(),
             ..AgentStatus::default()
         },
+        bindings: bindings::Bindings::new(&options.bindings, &options.state_dir, &metrics).await?,
         options,
         datapath,
         pins,
         metrics: metrics.clone(),
     };
+    let mut control = crate::control::ControlServer::bind(&agent.options.bindings.socket)?;
     let flow_metrics = metrics.clone();
     // The policy goes in before the interfaces are touched: a first start
     // with a bad policy leaves them alone. An adopted datapath keeps its
@@ -157,6 +180,10 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
         agent.reject(&err);
     }
     agent.attach()?;
+    agent
+        .bindings
+        .attach(&mut agent.datapath, &agent.pins)
+        .await?;
     agent.save_status();
 
     let _flow_log = AbortOnDrop(tokio::spawn(async move {
@@ -165,6 +192,7 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
         }
     }));
     let _serving = AbortOnDrop(tokio::spawn(metrics::serve(listener, metrics)));
+    let _mesh = mesh.map(|mesh| AbortOnDrop(tokio::spawn(mesh.run())));
     let events = |source| AgentError::Events(source);
     let mut hangup = signal(SignalKind::hangup()).map_err(events)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(events)?;
@@ -172,6 +200,7 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
     let mut changes = watch::PolicyWatch::new(&agent.options.policy).map_err(events)?;
     tracing::info!("running");
     loop {
+        let expiry = agent.bindings.next_expiry();
         tokio::select! {
             _ = hangup.recv() => agent.reload("SIGHUP"),
             changed = changes.next() => {
@@ -182,6 +211,14 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
                 }
                 changes.drain();
                 agent.reload("policy file changed");
+            }
+            Some(pending) = control.next() => {
+                agent.bindings.handle(pending, &mut agent.datapath).await;
+            }
+            _ = bindings::until(expiry) => agent.bindings.expire(&mut agent.datapath),
+            changed = agent.bindings.cgroup_changed() => {
+                changed.map_err(events)?;
+                agent.bindings.release_exited(&mut agent.datapath).await;
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -194,6 +231,7 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
 }
 
 struct Agent {
+    bindings: bindings::Bindings,
     options: Options,
     datapath: Datapath,
     pins: Pins,
@@ -246,12 +284,20 @@ impl Agent {
         let path = &self.options.policy;
         let policy = policy::load(path)?;
         let capacities = Capacities::from(&self.options.sizes);
-        let compiled =
+        let mut compiled =
             policy::compile(&policy, &capacities).map_err(|source| AgentError::Compile {
                 path: path.clone(),
                 source,
             })?;
+        // Bound processes' addresses are part of every generation.
+        let bound = self.bindings.host_entries(&compiled.identities);
+        compiled.entries.identities.extend(bound);
         self.datapath.install(&compiled.entries, &Clock::now()?)?;
+        self.bindings.adopt_policy(
+            &policy.trust_domain,
+            &compiled.identities,
+            &mut self.datapath,
+        )?;
         *self.metrics.names.lock().unwrap_or_else(|e| e.into_inner()) = Names {
             identities: compiled
                 .identities

@@ -7,9 +7,10 @@ use serde::Serialize;
 
 use mesh_common::{identity, service};
 
-use super::{AgentError, AgentLock, AgentStatus};
+use super::{AgentError, AgentLock, AgentStatus, Binding, read_bindings};
 use crate::{
     datapath::{self, Inspection, Pins},
+    identity::revocations::{self, Revoked},
     policy::{self, Capacities},
 };
 
@@ -23,6 +24,9 @@ pub struct Report {
     /// Packets and bytes by source, service and reason since the datapath
     /// was first loaded.
     pub counters: Vec<CounterLine>,
+    /// Processes bound to identities, and revoked identities.
+    pub bindings: Vec<Binding>,
+    pub revoked: Revoked,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,6 +57,8 @@ pub fn status(state_dir: &Path, bpffs: &Path) -> Report {
         agent,
         datapath,
         counters,
+        bindings: read_bindings(state_dir).unwrap_or_default(),
+        revoked: revocations::read(state_dir).unwrap_or_default(),
     }
 }
 
@@ -132,6 +138,32 @@ impl fmt::Display for Report {
                     writeln!(f, "    {line}")?;
                 }
             }
+        }
+        for binding in &self.bindings {
+            let state = binding.ended.as_deref().unwrap_or("in force");
+            writeln!(
+                f,
+                "bound: {} pid {} in {} from {} ({state}, token expires {})",
+                binding.identity,
+                binding.pid,
+                binding.cgroup.display(),
+                binding
+                    .addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                time::OffsetDateTime::from_unix_timestamp(binding.expires as i64)
+                    .ok()
+                    .and_then(|at| at
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .ok())
+                    .unwrap_or_else(|| binding.expires.to_string())
+            )?;
+        }
+        for (id, revocation) in &self.revoked {
+            let reason = revocation.reason.as_deref().unwrap_or("no reason given");
+            writeln!(f, "revoked: {id} since {} ({reason})", revocation.at)?;
         }
         let Some(datapath) = &self.datapath else {
             return writeln!(f, "datapath: nothing pinned");

@@ -89,21 +89,25 @@ pub struct Clock {
     pub boot_ns: u64,
 }
 
+impl Clock {
+    /// `at` on the boot clock: 0 if already past, below [`NEVER`] always.
+    pub fn boot_ns_at(&self, at: SystemTime) -> u64 {
+        match at.duration_since(self.wall) {
+            Ok(ahead) => self
+                .boot_ns
+                .saturating_add(u64::try_from(ahead.as_nanos()).unwrap_or(u64::MAX))
+                .min(NEVER - 1),
+            // Already past: expired on arrival.
+            Err(_) => 0,
+        }
+    }
+}
+
 impl GrantLimits {
     /// The kernel's form, with the expiry moved onto the boot clock. The
     /// reference model uses the very same numbers.
     pub fn to_kernel(&self, clock: &Clock) -> GrantInfo {
-        let expires_ns = match self.expires {
-            None => NEVER,
-            Some(at) => match at.duration_since(clock.wall) {
-                Ok(ahead) => clock
-                    .boot_ns
-                    .saturating_add(u64::try_from(ahead.as_nanos()).unwrap_or(u64::MAX))
-                    .min(NEVER - 1),
-                // Already past: expired on arrival.
-                Err(_) => 0,
-            },
-        };
+        let expires_ns = self.expires.map_or(NEVER, |at| clock.boot_ns_at(at));
         let (interval_ns, burst_ns) = match self.rate {
             None => (0, 0),
             Some(Rate { count, period }) => {

@@ -196,7 +196,7 @@ impl Datapath {
         u32::from(generation) * self.sizes.grants_per_generation()
     }
 
-    fn map<'a, M>(&'a mut self, name: &'static str) -> Result<M, DatapathError>
+    pub(super) fn map<'a, M>(&'a mut self, name: &'static str) -> Result<M, DatapathError>
     where
         M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
@@ -208,7 +208,7 @@ impl Datapath {
     }
 }
 
-fn insert<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(
+pub(super) fn insert<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(
     name: &'static str,
     map: &mut HashMap<T, K, V>,
     key: K,

@@ -2,6 +2,7 @@
 //! attaching them, installing policy entries, and running packets through
 //! them with BPF_PROG_TEST_RUN. The layout is described in docs/datapath.md.
 
+mod bindings;
 mod entries;
 mod events;
 mod inspect;
@@ -148,6 +149,7 @@ impl Datapath {
                 .load()
                 .map_err(program_error(name))?;
         }
+        bindings::load_socket_programs(&mut ebpf)?;
         Ok(Self { ebpf, sizes })
     }
 

@@ -20,7 +20,7 @@ use mesh_common::maps;
 use super::{Attachment, Datapath, DatapathError};
 
 /// Every map the programs declare, in the order they are pinned.
-pub(super) const ALL_MAPS: [&str; 17] = [
+pub(super) const ALL_MAPS: [&str; 18] = [
     maps::CONFIG,
     maps::IDENTITY_HOSTS,
     maps::IDENTITY_PREFIXES,
@@ -38,6 +38,7 @@ pub(super) const ALL_MAPS: [&str; 17] = [
     maps::EVENTS,
     maps::EVENT_BUCKET,
     maps::EVENTS_LOST,
+    maps::CGROUPS,
 ];
 
 /// Where an attachment hooks in.
@@ -292,6 +293,7 @@ impl Datapath {
 /// this returns — and the folders. Programs and maps not held by any process
 /// then leave the kernel.
 pub fn unpin_all(pins: &Pins) -> Result<(), DatapathError> {
+    super::bindings::unpin_socket_links(pins)?;
     for (interface, hook, path) in pins.links()? {
         match hook.tc_direction().filter(|_| super::clsact_filters()) {
             Some(direction) => detach_filter(&interface, direction),

@@ -1,5 +1,6 @@
 //! The bpf(2) commands aya does not wrap: getting a pinned link's file
-//! descriptor, detaching a link at once whoever else still holds it, and
+//! descriptor, detaching a link at once whoever else still holds it,
+//! putting a program into a pinned link that aya cannot adopt, and
 //! walking a map's keys without knowing their type; and waiting for
 //! in-flight program runs to finish.
 
@@ -43,9 +44,8 @@ pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-/// Detaches the link pinned at `path` from its hook now. The pin itself
-/// stays; the link object lingers, defunct, until its last holder lets go.
-pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+/// A descriptor of the object pinned at `path`.
+fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let path = CString::new(path.as_os_str().as_bytes())?;
     let mut get = ObjGet {
         pathname: path.as_ptr() as u64,
@@ -54,11 +54,41 @@ pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
     };
     let fd = bpf(BPF_OBJ_GET, &mut get)?;
     // SAFETY: BPF_OBJ_GET returned a new descriptor that nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches the link pinned at `path` from its hook now. The pin itself
+/// stays; the link object lingers, defunct, until its last holder lets go.
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    let fd = open_pinned(path)?;
     let mut detach = LinkDetach {
         link_fd: fd.as_raw_fd() as u32,
     };
     bpf(BPF_LINK_DETACH, &mut detach).map(drop)
+}
+
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `union bpf_attr` as BPF_LINK_UPDATE reads it.
+#[repr(C)]
+struct LinkUpdate {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Puts `program` into the link pinned at `path`, atomically: the hook
+/// runs the old program or the new one, never neither.
+pub fn update_pinned_link(path: &Path, program: BorrowedFd<'_>) -> io::Result<()> {
+    let fd = open_pinned(path)?;
+    let mut update = LinkUpdate {
+        link_fd: fd.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &mut update).map(drop)
 }
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;

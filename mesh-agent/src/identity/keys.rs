@@ -184,6 +184,21 @@ impl IssuerKey {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<String, KeyError> {
+        self.sign(
+            json!({ "sub": subject.as_str(), "aud": [audience] }),
+            ttl,
+            now,
+        )
+    }
+
+    /// Signs `claims` (a JSON object) with `iat`, `exp` and a random `jti`
+    /// added: the one way every kind of token the mesh issues is made.
+    pub(crate) fn sign(
+        &self,
+        mut claims: Value,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<String, KeyError> {
         if ttl.as_secs() == 0 {
             return Err(TtlError::Zero.into());
         }
@@ -195,13 +210,9 @@ impl IssuerKey {
             .map_or(0, |since| since.as_secs());
         let mut jti = [0; 16];
         getrandom::fill(&mut jti).map_err(KeyError::Random)?;
-        let claims = json!({
-            "sub": subject.as_str(),
-            "aud": [audience],
-            "iat": iat,
-            "exp": iat.saturating_add(ttl.as_secs()),
-            "jti": b64_encode(&jti),
-        });
+        claims["iat"] = iat.into();
+        claims["exp"] = iat.saturating_add(ttl.as_secs()).into();
+        claims["jti"] = b64_encode(&jti).into();
         let mut header = Header::new(self.algorithm.jwt());
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, &claims, &self.signing).map_err(KeyError::Sign)

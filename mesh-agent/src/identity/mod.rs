@@ -9,15 +9,26 @@
 //! [`Verifier`] checks tokens against a [`TrustBundle`]; [`IssuerKey`] makes
 //! keys and issues tokens, for deployments without a SPIFFE issuer of their
 //! own.
+//!
+//! A process proves its identity to the node agent with a token and is
+//! bound to it: the pieces of that are here — its cgroup ([`cgroup`]), its
+//! source address ([`pool`], [`loopback`]), revocations ([`revocations`])
+//! and the audit log ([`audit`]); the agent puts them together.
 
+pub mod audit;
 mod bundle;
+pub mod cgroup;
 mod duration;
 mod keys;
+pub mod loopback;
+pub mod pool;
+pub mod revocations;
 mod token;
 
 pub use bundle::{BundleError, InvalidBundle, TrustBundle};
 pub use duration::{MAX_TTL, TtlError, parse_ttl};
 pub use keys::{BUNDLE_FILE, IssuerKey, KEY_FILE, KeyError, Saved};
+pub(crate) use token::{Audience, check_times, decode_json, system_time, verify_signed};
 pub use token::{LEEWAY, TokenError, Unverified, VerifiedToken, Verifier, decode_unverified};
 
 /// The audience tokens are issued for and checked against when none is

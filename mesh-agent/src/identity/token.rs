@@ -132,9 +132,28 @@ struct Claims {
 /// `aud` is one string or an array of them (RFC 7519, section 4.1.3).
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Audience {
+pub(crate) enum Audience {
     One(String),
     Many(Vec<String>),
+}
+
+impl Audience {
+    /// The audiences, or [`TokenError::WrongAudience`] if `expected` is not
+    /// among them.
+    pub(crate) fn require(self, expected: &str) -> Result<Vec<String>, TokenError> {
+        let found = match self {
+            Audience::One(one) => vec![one],
+            Audience::Many(many) => many,
+        };
+        if found.iter().any(|aud| aud == expected) {
+            Ok(found)
+        } else {
+            Err(TokenError::WrongAudience {
+                expected: expected.to_owned(),
+                found,
+            })
+        }
+    }
 }
 
 /// A token's header and claims, decoded but not verified: for showing, never
@@ -170,48 +189,9 @@ impl Verifier {
     }
 
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<VerifiedToken, TokenError> {
-        let [header_part, claims_part, signature_part] = split(token)?;
-        let header: Header = decode_json(header_part, "header")?;
-        let alg = header
-            .alg
-            .ok_or_else(|| TokenError::Malformed("the header has no `alg`".into()))?;
-        // First, so that `none` and HMAC tokens get no further.
-        let algorithm =
-            Algorithm::from_jose_name(&alg).ok_or(TokenError::DisallowedAlgorithm(alg))?;
-        if header.crit.is_some() {
-            return Err(TokenError::Malformed(
-                "the header names critical extensions (`crit`); none are supported".into(),
-            ));
-        }
-        if let Some(typ) = header.typ
-            && typ != "JWT"
-            && typ != "JOSE"
-        {
-            return Err(TokenError::Malformed(format!(
-                "`typ` is `{typ}`; expected JWT or JOSE"
-            )));
-        }
-        let kid = header.kid.ok_or(TokenError::MissingKeyId)?;
-        let key = self.bundle.key(&kid, algorithm)?;
-
-        let signature = b64_decode(signature_part).map_err(|err| {
-            TokenError::Malformed(format!("the signature is not base64url: {err}"))
-        })?;
-        if signature.len() != SIGNATURE_LEN {
-            return Err(TokenError::Malformed(format!(
-                "the signature is {} bytes; {algorithm} signatures are {SIGNATURE_LEN}",
-                signature.len()
-            )));
-        }
-        let signed = &token[..header_part.len() + 1 + claims_part.len()];
-        if !jsonwebtoken::crypto::verify(signature_part, signed.as_bytes(), key, algorithm.jwt())
-            .unwrap_or(false)
-        {
-            return Err(TokenError::BadSignature(kid));
-        }
-
-        let claims: Claims = decode_json(claims_part, "claim set")?;
-        self.check_claims(claims, kid, algorithm, now)
+        let signed = verify_signed(&self.bundle, token)?;
+        let claims: Claims = decode_json(signed.claims, "claim set")?;
+        self.check_claims(claims, signed.kid, signed.algorithm, now)
     }
 
     fn check_claims(
@@ -233,36 +213,14 @@ impl Verifier {
             });
         }
 
-        let audience = match claims.aud.ok_or(TokenError::MissingClaim("aud"))? {
-            Audience::One(one) => vec![one],
-            Audience::Many(many) => many,
-        };
-        if !audience.contains(&self.audience) {
-            return Err(TokenError::WrongAudience {
-                expected: self.audience.clone(),
-                found: audience,
-            });
-        }
+        let audience = claims
+            .aud
+            .ok_or(TokenError::MissingClaim("aud"))?
+            .require(&self.audience)?;
 
         let exp = claims.exp.ok_or(TokenError::MissingClaim("exp"))?;
         let iat = claims.iat.ok_or(TokenError::MissingClaim("iat"))?;
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_secs());
-        if now >= exp {
-            return Err(TokenError::Expired {
-                expired_at: exp,
-                now,
-            });
-        }
-        let latest = now.saturating_add(LEEWAY.as_secs());
-        for (claim, at) in [("iat", Some(iat)), ("nbf", claims.nbf)] {
-            if let Some(at) = at
-                && at > latest
-            {
-                return Err(TokenError::NotYetValid { claim, at, now });
-            }
-        }
+        check_times(exp, iat, claims.nbf, now)?;
 
         Ok(VerifiedToken {
             spiffe_id,
@@ -274,6 +232,92 @@ impl Verifier {
             algorithm,
         })
     }
+}
+
+/// A token whose signature holds: its claims part, still encoded, and the
+/// key that signed it.
+pub(crate) struct Signed<'a> {
+    pub claims: &'a str,
+    pub kid: String,
+    pub algorithm: Algorithm,
+}
+
+/// Checks a token's header and signature against `bundle`; nothing of the
+/// claims is read. Every kind of token the mesh issues starts here.
+pub(crate) fn verify_signed<'a>(
+    bundle: &TrustBundle,
+    token: &'a str,
+) -> Result<Signed<'a>, TokenError> {
+    let [header_part, claims_part, signature_part] = split(token)?;
+    let header: Header = decode_json(header_part, "header")?;
+    let alg = header
+        .alg
+        .ok_or_else(|| TokenError::Malformed("the header has no `alg`".into()))?;
+    // First, so that `none` and HMAC tokens get no further.
+    let algorithm = Algorithm::from_jose_name(&alg).ok_or(TokenError::DisallowedAlgorithm(alg))?;
+    if header.crit.is_some() {
+        return Err(TokenError::Malformed(
+            "the header names critical extensions (`crit`); none are supported".into(),
+        ));
+    }
+    if let Some(typ) = header.typ
+        && typ != "JWT"
+        && typ != "JOSE"
+    {
+        return Err(TokenError::Malformed(format!(
+            "`typ` is `{typ}`; expected JWT or JOSE"
+        )));
+    }
+    let kid = header.kid.ok_or(TokenError::MissingKeyId)?;
+    let key = bundle.key(&kid, algorithm)?;
+
+    let signature = b64_decode(signature_part)
+        .map_err(|err| TokenError::Malformed(format!("the signature is not base64url: {err}")))?;
+    if signature.len() != SIGNATURE_LEN {
+        return Err(TokenError::Malformed(format!(
+            "the signature is {} bytes; {algorithm} signatures are {SIGNATURE_LEN}",
+            signature.len()
+        )));
+    }
+    let signed = &token[..header_part.len() + 1 + claims_part.len()];
+    if !jsonwebtoken::crypto::verify(signature_part, signed.as_bytes(), key, algorithm.jwt())
+        .unwrap_or(false)
+    {
+        return Err(TokenError::BadSignature(kid));
+    }
+    Ok(Signed {
+        claims: claims_part,
+        kid,
+        algorithm,
+    })
+}
+
+/// Checks `exp` (no leeway), then `iat` and `nbf` (at most [`LEEWAY`] in
+/// the future) against `now`.
+pub(crate) fn check_times(
+    exp: u64,
+    iat: u64,
+    nbf: Option<u64>,
+    now: SystemTime,
+) -> Result<(), TokenError> {
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    if now >= exp {
+        return Err(TokenError::Expired {
+            expired_at: exp,
+            now,
+        });
+    }
+    let latest = now.saturating_add(LEEWAY.as_secs());
+    for (claim, at) in [("iat", Some(iat)), ("nbf", nbf)] {
+        if let Some(at) = at
+            && at > latest
+        {
+            return Err(TokenError::NotYetValid { claim, at, now });
+        }
+    }
+    Ok(())
 }
 
 /// The header, claims and signature parts of a compact JWS.
@@ -294,7 +338,7 @@ fn split(token: &str) -> Result<[&str; 3], TokenError> {
     }
 }
 
-fn decode_json<T: DeserializeOwned>(part: &str, what: &str) -> Result<T, TokenError> {
+pub(crate) fn decode_json<T: DeserializeOwned>(part: &str, what: &str) -> Result<T, TokenError> {
     let bytes = b64_decode(part)
         .map_err(|err| TokenError::Malformed(format!("the {what} is not base64url: {err}")))?;
     serde_json::from_slice(&bytes).map_err(|err| {
@@ -302,7 +346,7 @@ fn decode_json<T: DeserializeOwned>(part: &str, what: &str) -> Result<T, TokenEr
     })
 }
 
-fn system_time(unix: u64, claim: &'static str) -> Result<SystemTime, TokenError> {
+pub(crate) fn system_time(unix: u64, claim: &'static str) -> Result<SystemTime, TokenError> {
     UNIX_EPOCH
         .checked_add(Duration::from_secs(unix))
         .ok_or_else(|| TokenError::InvalidClaim {

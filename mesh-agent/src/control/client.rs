@@ -1,0 +1,34 @@
+//! Asking the running agent.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use super::{ControlError, Request, Response};
+
+/// How long the agent may take to answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends one request over the socket at `path` and returns the answer.
+pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError> {
+    let socket_error = |source| ControlError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(socket_error)?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(socket_error)?;
+    let mut line =
+        serde_json::to_vec(request).map_err(|err| ControlError::Protocol(err.to_string()))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(socket_error)?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .map_err(socket_error)?;
+    serde_json::from_str(&answer).map_err(|err| ControlError::Protocol(err.to_string()))
+}

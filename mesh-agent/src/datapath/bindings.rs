@@ -1,0 +1,171 @@
+//! Process bindings in the kernel: the cgroup socket programs, attached to
+//! the agent's cgroup root and pinned beside the interface links, and the
+//! entries of each binding — its cgroup in `CGROUPS`, its source addresses
+//! in `IDENTITY_HOSTS` under the live policy generation. How bindings come
+//! and go is in docs/identity.md.
+
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    net::IpAddr,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use mesh_common::{AddrKey, CgroupBinding, IdentityValue, config, maps, programs};
+
+use super::{
+    Datapath, DatapathError, Pins, Prefix, install::insert, map_error, program, program_error, sys,
+    traffic::ignore_missing,
+};
+
+/// The socket programs, each pinned as `links/cgroup/<program>`.
+const SOCKET_PROGRAMS: [&str; 4] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+];
+
+/// Loads the socket programs of a freshly loaded object.
+pub(super) fn load_socket_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    for name in SOCKET_PROGRAMS {
+        program::<CgroupSockAddr>(ebpf, name)?
+            .load()
+            .map_err(program_error(name))?;
+    }
+    Ok(())
+}
+
+fn links_dir(pins: &Pins) -> PathBuf {
+    pins.root().join("links").join("cgroup")
+}
+
+impl Datapath {
+    /// Attaches the socket programs to the cgroup `root` (cgroup v2), so
+    /// that they judge every process below it, and pins the links. Where an
+    /// earlier agent pinned them, this agent's programs take their place in
+    /// the same links atomically.
+    pub fn attach_cgroup_pinned(&mut self, pins: &Pins, root: &Path) -> Result<(), DatapathError> {
+        let dir = links_dir(pins);
+        let pin_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DatapathError::Pin { path, source }
+        };
+        fs::create_dir_all(&dir).map_err(pin_error(&dir))?;
+        let cgroup = fs::File::open(root).map_err(pin_error(root))?;
+        for name in SOCKET_PROGRAMS {
+            let path = dir.join(name);
+            let program = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            let fd = program.fd().map_err(program_error(name))?;
+            match sys::update_pinned_link(&path, fd.as_fd()) {
+                Ok(()) => continue,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                // A link whose cgroup is gone: replace it.
+                Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => {
+                    fs::remove_file(&path).map_err(pin_error(&path))?;
+                }
+                Err(err) => return Err(pin_error(&path)(err)),
+            }
+            // A link, never a legacy attachment: the kernel allows several
+            // programs per cgroup hook with links, whatever the mode says.
+            let id = program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+            let link = program.take_link(id).map_err(program_error(name))?;
+            FdLink::try_from(link)
+                .map_err(|err| pin_error(&path)(io::Error::other(err)))?
+                .pin(&path)
+                .map_err(|err| pin_error(&path)(io::Error::other(err)))?;
+        }
+        Ok(())
+    }
+
+    /// Binds the processes of cgroup `id` as `binding` says, or updates the
+    /// binding (a refreshed token).
+    pub fn set_cgroup_binding(
+        &mut self,
+        id: u64,
+        binding: &CgroupBinding,
+    ) -> Result<(), DatapathError> {
+        let mut cgroups: HashMap<_, u64, CgroupBinding> = self.map(maps::CGROUPS)?;
+        insert(maps::CGROUPS, &mut cgroups, id, *binding)
+    }
+
+    /// Unbinds cgroup `id`: its processes open no more flows.
+    pub fn remove_cgroup_binding(&mut self, id: u64) -> Result<(), DatapathError> {
+        let mut cgroups: HashMap<_, u64, CgroupBinding> = self.map(maps::CGROUPS)?;
+        ignore_missing(cgroups.remove(&id)).map_err(map_error(maps::CGROUPS))
+    }
+
+    /// The cgroups with a binding in the kernel.
+    pub fn cgroup_bindings(&mut self) -> Result<Vec<(u64, CgroupBinding)>, DatapathError> {
+        let cgroups: HashMap<&mut MapData, u64, CgroupBinding> = self.map(maps::CGROUPS)?;
+        cgroups
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::CGROUPS))
+    }
+
+    /// Packets from `addr` are from identity `tag`, under the live policy.
+    /// A policy installed later must carry the entry itself.
+    pub fn add_identity_host(&mut self, addr: IpAddr, tag: u32) -> Result<(), DatapathError> {
+        let key = self.live_host_key(addr)?;
+        let mut hosts: HashMap<_, AddrKey, IdentityValue> = self.map(maps::IDENTITY_HOSTS)?;
+        insert(maps::IDENTITY_HOSTS, &mut hosts, key, IdentityValue { tag })
+    }
+
+    /// Packets from `addr` have no identity any more; live flows from it
+    /// revalidate on their next packet, and end.
+    pub fn remove_identity_host(&mut self, addr: IpAddr) -> Result<(), DatapathError> {
+        let key = self.live_host_key(addr)?;
+        let mut hosts: HashMap<_, AddrKey, IdentityValue> = self.map(maps::IDENTITY_HOSTS)?;
+        ignore_missing(hosts.remove(&key)).map_err(map_error(maps::IDENTITY_HOSTS))?;
+        self.bump_epoch()
+    }
+
+    fn live_host_key(&self, addr: IpAddr) -> Result<AddrKey, DatapathError> {
+        Ok(AddrKey {
+            generation: config::generation(self.state()?),
+            addr: Prefix::host(addr).addr.octets(),
+        })
+    }
+
+    /// The identity tags in `REVOKED`.
+    pub fn revoked(&mut self) -> Result<BTreeSet<u32>, DatapathError> {
+        let revoked: HashMap<&mut MapData, u32, u32> = self.map(maps::REVOKED)?;
+        revoked
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::REVOKED))
+    }
+}
+
+/// Detaches the socket programs' links at once and removes their pins;
+/// [`super::unpin_all`] does the rest.
+pub(super) fn unpin_socket_links(pins: &Pins) -> Result<(), DatapathError> {
+    let dir = links_dir(pins);
+    let pin_error = |path: PathBuf| move |source| DatapathError::Pin { path, source };
+    let links = match fs::read_dir(&dir) {
+        Ok(links) => links,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(pin_error(dir)(err)),
+    };
+    for link in links {
+        let path = link.map_err(pin_error(dir.clone()))?.path();
+        match sys::detach_pinned_link(&path) {
+            // Defunct already: its cgroup is gone.
+            Err(err) if err.raw_os_error() != Some(libc::ENOLINK) => {
+                return Err(pin_error(path)(err));
+            }
+            _ => {}
+        }
+        fs::remove_file(&path).map_err(pin_error(path))?;
+    }
+    fs::remove_dir(&dir).map_err(pin_error(dir))
+}

@@ -1,0 +1,28 @@
+//! The node mesh: nodes join with a join token signed by the mesh's admin
+//! and bound to the node's signing key, publish a record (name, WireGuard
+//! key, endpoint, prefix, token) signed with that key to a shared store,
+//! and make every other node with a valid record a WireGuard peer. Records are checked by every node that reads them; a bad one is
+//! logged, counted and never configured, and a store that cannot be read
+//! leaves the last good peers in place.
+
+mod keys;
+mod membership;
+mod mesh;
+mod name;
+mod record;
+mod signing;
+mod store;
+mod teardown;
+pub mod token;
+mod wireguard;
+
+pub use keys::{InvalidPublicKey, KEY_FILE, NodeKey, NodeKeyError, PublicKey};
+pub use membership::{Checker, Entry, Local, Membership, Peer, Rejected};
+pub use mesh::{Mesh, MeshError, MeshOptions, check};
+pub use name::{InvalidNodeName, NodeName};
+pub use record::{NodeRecord, RecordError, SignedRecord};
+pub use signing::{InvalidSigningKey, SIGNING_KEY_FILE, SigningKey, SigningPublicKey};
+pub use store::{Store, StoreError, StoreSpec, StoreSpecError, StoreWatch};
+pub use teardown::{TeardownError, teardown};
+pub use token::{JOIN_AUDIENCE, Join, JoinVerifier};
+pub use wireguard::{Mode as WireGuardMode, WireGuardError};

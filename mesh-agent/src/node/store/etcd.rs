@@ -1,0 +1,201 @@
+//! The etcd v3 store: each node's record under `PREFIX/nodes/NAME`, put on
+//! a lease the node keeps alive, so that the record of a node that dies
+//! ages out with the lease; changes come through an etcd watch.
+//!
+//! The client is given every member's endpoint and balances between them,
+//! so losing a member of the cluster loses nothing while a quorum stays.
+//! Every request has a deadline: a store that does not answer is a store
+//! that cannot be read, and changes nothing.
+
+use std::{io, time::Duration};
+
+use etcd_client::{
+    Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions,
+};
+use futures_util::StreamExt as _;
+
+use super::{Entry, MAX_ENTRIES, NodeName, StoreError, StoreWatch};
+use crate::node::record::MAX_RECORD_LEN;
+
+/// How long a record outlives its node: the lease's time to live. It is
+/// kept alive every few seconds (the mesh's recheck), well within it.
+pub const LEASE_TTL: Duration = Duration::from_secs(15);
+
+/// Longest an etcd request may take, connecting included.
+const DEADLINE: Duration = Duration::from_secs(3);
+
+pub struct EtcdStore {
+    client: Client,
+    /// `PREFIX/nodes/`.
+    prefix: String,
+    /// For messages: the store as `--store` named it.
+    name: String,
+    lease: Option<Lease>,
+}
+
+/// This node's lease, and the stream that keeps it alive.
+struct Lease {
+    id: i64,
+    keeper: LeaseKeeper,
+    responses: LeaseKeepAliveStream,
+}
+
+impl EtcdStore {
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
+        let name = format!("etcd://{}/{prefix}", endpoints.join(","));
+        let options = ConnectOptions::new()
+            .with_connect_timeout(DEADLINE)
+            .with_timeout(DEADLINE)
+            // A member that went away is noticed by its silence.
+            .with_keep_alive(Duration::from_secs(2), DEADLINE)
+            .with_keep_alive_while_idle(true);
+        let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
+        let client = Client::connect(urls, Some(options))
+            .await
+            .map_err(|source| StoreError::Etcd {
+                what: "connect",
+                store: name.clone(),
+                source,
+            })?;
+        Ok(Self {
+            client,
+            prefix: format!("{prefix}/nodes/"),
+            name,
+            lease: None,
+        })
+    }
+
+    /// Puts the entry on this node's lease, granting one first if there is
+    /// none (the first time, or after the last one expired).
+    pub async fn publish(&mut self, name: &NodeName, bytes: &[u8]) -> Result<(), StoreError> {
+        let lease = match &self.lease {
+            Some(lease) => lease.id,
+            None => self.grant().await?,
+        };
+        let put = self
+            .client
+            .put(
+                format!("{}{name}", self.prefix),
+                bytes,
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await;
+        if let Err(source) = put {
+            // Perhaps the lease is gone: the next publish takes a new one.
+            self.lease = None;
+            return Err(self.error("write the record", source));
+        }
+        Ok(())
+    }
+
+    /// Every entry under the prefix.
+    pub async fn read(&mut self) -> Result<Vec<Entry>, StoreError> {
+        let limit = i64::try_from(MAX_ENTRIES).expect("a small number");
+        let response = self
+            .client
+            .get(
+                self.prefix.as_bytes(),
+                Some(GetOptions::new().with_prefix().with_limit(limit)),
+            )
+            .await
+            .map_err(|source| self.error("read the records", source))?;
+        if response.more() {
+            return Err(StoreError::TooMany {
+                store: self.name.clone(),
+                limit: MAX_ENTRIES,
+            });
+        }
+        let mut entries: Vec<Entry> = response
+            .kvs()
+            .iter()
+            .map(|kv| Entry {
+                name: String::from_utf8_lossy(&kv.key()[self.prefix.len()..]).into_owned(),
+                // Too long to be a record: rejected, not skipped unseen.
+                bytes: kv.value()[..kv.value().len().min(MAX_RECORD_LEN + 1)].to_vec(),
+            })
+            .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    /// Watches the prefix. A watch the server cancels (its revision was
+    /// compacted, say) ends with an error, and is set up again by the
+    /// caller.
+    pub async fn watch(&mut self) -> Result<StoreWatch, StoreError> {
+        let stream = self
+            .client
+            .watch(
+                self.prefix.as_bytes(),
+                Some(WatchOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|source| self.error("watch the records", source))?;
+        Ok(StoreWatch::new(
+            stream
+                .map(|response| match response {
+                    Ok(response) if response.canceled() => Err(io::Error::other(format!(
+                        "etcd cancelled the watch: {}",
+                        response.cancel_reason()
+                    ))),
+                    Ok(_) => Ok(()),
+                    Err(err) => Err(io::Error::other(err)),
+                })
+                .boxed(),
+        ))
+    }
+
+    /// Renews the lease. One that cannot be renewed is dropped: the record
+    /// on it ages out, and the next sync publishes it again on a new one.
+    pub async fn keep_alive(&mut self) -> Result<(), StoreError> {
+        let Some(lease) = &mut self.lease else {
+            return Ok(());
+        };
+        let renewed = async {
+            lease.keeper.keep_alive().await?;
+            lease.responses.message().await
+        };
+        let failure = match tokio::time::timeout(DEADLINE, renewed).await {
+            Ok(Ok(Some(response))) if response.ttl() > 0 => return Ok(()),
+            Ok(Ok(_)) => StoreError::Lease {
+                what: "the lease expired; publishing again",
+                store: self.name.clone(),
+            },
+            Ok(Err(source)) => self.error("renew the lease", source),
+            Err(_) => StoreError::Lease {
+                what: "no answer renewing the lease",
+                store: self.name.clone(),
+            },
+        };
+        self.lease = None;
+        Err(failure)
+    }
+
+    async fn grant(&mut self) -> Result<i64, StoreError> {
+        let ttl = i64::try_from(LEASE_TTL.as_secs()).expect("a small number");
+        let id = self
+            .client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|source| self.error("grant a lease", source))?
+            .id();
+        let (keeper, responses) = self
+            .client
+            .lease_keep_alive(id)
+            .await
+            .map_err(|source| self.error("keep the lease alive", source))?;
+        self.lease = Some(Lease {
+            id,
+            keeper,
+            responses,
+        });
+        Ok(id)
+    }
+
+    fn error(&self, what: &'static str, source: etcd_client::Error) -> StoreError {
+        StoreError::Etcd {
+            what,
+            store: self.name.clone(),
+            source,
+        }
+    }
+}

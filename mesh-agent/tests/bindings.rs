@@ -1,0 +1,689 @@
+//! Process bindings end to end: the real `mesh-agent run` in a node
+//! namespace with an agent pool, processes bound with `mesh-agent exec`,
+//! and real TCP to a server namespace. Each test has its own namespaces,
+//! bpffs, state folder and cgroup root, all removed however it ends.
+//!
+//! The bound process is this test binary itself, run as `probe`: it reads
+//! commands on stdin and answers on stdout, so the test can make it open
+//! connections and use them while the binding changes.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use mesh_agent::{
+    agent::{Binding, read_bindings},
+    identity::{
+        Algorithm, IssuerKey,
+        audit::{AUDIT_FILE, AuditEvent, AuditKind},
+        cgroup,
+    },
+    policy::SpiffeId,
+};
+use mesh_tests::{BpfFs, NetNs, VethEnd, require_root, veth_pair};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const POOL: &str = "100.96.3.0/24";
+const ALICE: &str = "spiffe://acme.internal/agent/alice";
+const BOB: &str = "spiffe://acme.internal/agent/bob";
+/// Alice may reach 7000, Bob 7001; nobody 7002.
+const ALICE_PORT: u16 = 7000;
+const BOB_PORT: u16 = 7001;
+const NOBODY_PORT: u16 = 7002;
+
+const POLICY: &str = r#"version = 1
+trust_domain = "acme.internal"
+
+[[identity]]
+id = "spiffe://acme.internal/agent/alice"
+
+[[identity]]
+id = "spiffe://acme.internal/agent/bob"
+
+[[service]]
+name = "server"
+addresses = ["192.0.2.2/32"]
+ports = ["7000-7002/tcp"]
+
+[[grant]]
+from = ["spiffe://acme.internal/agent/alice"]
+to = ["server"]
+ports = ["7000/tcp"]
+
+[[grant]]
+from = ["spiffe://acme.internal/agent/bob"]
+to = ["server"]
+ports = ["7001/tcp"]
+"#;
+
+/// The probe: this binary, as a bound process. A no-op as a test.
+#[test]
+fn probe() {
+    if std::env::var_os("MESH_PROBE").is_none() {
+        return;
+    }
+    let mut live: Option<TcpStream> = None;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let (command, arg) = line.split_once(' ').unwrap_or((&line, ""));
+        let answer = match command {
+            // Connect, send a line, read it back, close.
+            "echo" => match connect(arg) {
+                Ok(mut stream) => match round_trip(&mut stream) {
+                    Ok(()) => format!("ok {}", stream.local_addr().unwrap().ip()),
+                    Err(err) => format!("err {}", describe(&err)),
+                },
+                Err(err) => format!("err {}", describe(&err)),
+            },
+            // Connect and keep the connection.
+            "open" => match connect(arg) {
+                Ok(stream) => {
+                    let local = stream.local_addr().unwrap().ip();
+                    live = Some(stream);
+                    format!("ok {local}")
+                }
+                Err(err) => format!("err {}", describe(&err)),
+            },
+            // The command runs: the binding is made.
+            "ready" => "ok".to_owned(),
+            // One round trip on the kept connection.
+            "ping" => match live.as_mut().map(round_trip) {
+                Some(Ok(())) => "ok".to_owned(),
+                Some(Err(err)) => format!("err {}", describe(&err)),
+                None => "err no connection".to_owned(),
+            },
+            _ => return,
+        };
+        println!("PROBE {answer}");
+    }
+}
+
+fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_millis(300)))?;
+    Ok(stream)
+}
+
+fn round_trip(stream: &mut TcpStream) -> std::io::Result<()> {
+    stream.write_all(b"x")?;
+    let mut buf = [0u8; 1];
+    stream.read_exact(&mut buf)
+}
+
+fn describe(err: &std::io::Error) -> String {
+    match err.raw_os_error() {
+        Some(libc::EPERM) => "EPERM".to_owned(),
+        _ => err.kind().to_string(),
+    }
+}
+
+/// A bound process: `mesh-agent exec … -- probe`, killed on drop.
+struct Probe {
+    child: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
+}
+
+impl Probe {
+    fn ask(&mut self, line: &str) -> String {
+        writeln!(self.input, "{line}").unwrap();
+        let mut answer = String::new();
+        loop {
+            answer.clear();
+            assert!(
+                self.output.read_line(&mut answer).unwrap() > 0,
+                "the probe ended"
+            );
+            // The test harness may start the line: `test probe ... `.
+            if let Some((_, rest)) = answer.trim_end().split_once("PROBE ") {
+                return rest.to_owned();
+            }
+        }
+    }
+
+    fn echo(&mut self, port: u16) -> String {
+        self.ask(&format!("echo {SERVER}:{port}"))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cgroup root of the test's own below the cgroup v2 mount; on drop its
+/// processes are killed and it is removed with every cgroup in it.
+struct CgroupRoot(PathBuf);
+
+impl CgroupRoot {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let mount = cgroup::default_root()?
+            .parent()
+            .map(Path::to_owned)
+            .expect("the default root is below the mount");
+        Ok(Self(mount.join(name)))
+    }
+
+    fn children(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.0)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for CgroupRoot {
+    fn drop(&mut self) {
+        for child in self.children() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let procs = std::fs::read_to_string(child.join("cgroup.procs")).unwrap_or_default();
+                if procs.trim().is_empty() || Instant::now() > deadline {
+                    break;
+                }
+                for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
+                    // SAFETY: kill(2) on processes the test bound.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_dir(&child);
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A TCP echo server in the server namespace on every port the tests use;
+/// it records where connections come from.
+fn echo_servers(ns: &NetNs) -> anyhow::Result<Arc<Mutex<Vec<SocketAddr>>>> {
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    for port in [ALICE_PORT, BOB_PORT, NOBODY_PORT] {
+        let listener = ns.enter(move || TcpListener::bind((SERVER, port)))??;
+        let peers = peers.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Ok(peer) = stream.peer_addr() {
+                    peers.lock().unwrap().push(peer);
+                }
+                thread::spawn(move || {
+                    let mut stream = stream;
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    Ok(peers)
+}
+
+/// The node (agent and bound processes) and the server, joined by a veth
+/// pair; the server routes the agent pool to the node.
+struct Setup {
+    node: NetNs,
+    _server: NetNs,
+    bpffs: BpfFs,
+    dir: tempfile::TempDir,
+    cgroups: CgroupRoot,
+    key: IssuerKey,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Setup {
+    fn new() -> anyhow::Result<Self> {
+        require_root();
+        let node = NetNs::new()?;
+        let server = NetNs::new()?;
+        veth_pair(
+            &VethEnd {
+                ns: &node,
+                name: "veth-n",
+                addr: NODE,
+            },
+            &VethEnd {
+                ns: &server,
+                name: "veth-s",
+                addr: SERVER,
+            },
+        )?;
+        server.ip(&["route", "add", POOL, "via", &NODE.to_string()])?;
+        let peers = echo_servers(&server)?;
+        let dir = tempfile::tempdir()?;
+        // Traversable, so that the socket's own mode is what keeps other
+        // users out.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        std::fs::write(dir.path().join("policy.toml"), POLICY)?;
+        let key = IssuerKey::generate(Algorithm::EdDsa, None)?;
+        std::fs::write(dir.path().join("bundle.json"), key.bundle_json())?;
+        let cgroups = CgroupRoot::new(&node.name().replace("mesh-t-", "mesh-test-"))?;
+        Ok(Self {
+            node,
+            _server: server,
+            bpffs: BpfFs::mount()?,
+            dir,
+            cgroups,
+            key,
+            peers,
+        })
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.state_dir().join("agent.sock")
+    }
+
+    fn mesh_agent(&self) -> anyhow::Result<Command> {
+        let mut command = self.node.command(env!("CARGO_BIN_EXE_mesh-agent"))?;
+        command.stdin(Stdio::null());
+        Ok(command)
+    }
+
+    fn start_agent(&self) -> anyhow::Result<Agent> {
+        let child = self
+            .mesh_agent()?
+            .args(["run", "--interface", "veth-n", "--agent-pool", POOL])
+            .arg("--policy")
+            .arg(self.dir.path().join("policy.toml"))
+            .arg("--trust-bundle")
+            .arg(self.dir.path().join("bundle.json"))
+            .arg("--cgroup-root")
+            .arg(&self.cgroups.0)
+            .arg("--bpffs")
+            .arg(self.bpffs.path().join("mesh"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let agent = Agent(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.socket().exists() {
+            anyhow::ensure!(Instant::now() < deadline, "the agent did not start");
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+
+    /// A token file for `id`, valid for `ttl`.
+    fn token(&self, id: &str, ttl: Duration) -> anyhow::Result<PathBuf> {
+        let token = self
+            .key
+            .issue(&id.parse::<SpiffeId>()?, "mesh", ttl, SystemTime::now())?;
+        let path = self.dir.path().join(format!("token-{}", rand_suffix()));
+        std::fs::write(&path, token)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        Ok(path)
+    }
+
+    /// `mesh-agent exec --token FILE -- probe`, once the probe runs.
+    fn bind(&self, token: &Path) -> anyhow::Result<Probe> {
+        let mut child = self
+            .exec(token)?
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            // The probe's test harness complains when killed mid-run.
+            .stderr(Stdio::null())
+            .spawn()?;
+        let input = child.stdin.take().expect("piped");
+        let output = BufReader::new(child.stdout.take().expect("piped"));
+        let mut probe = Probe {
+            child,
+            input,
+            output,
+        };
+        assert_eq!(probe.ask("ready"), "ok");
+        Ok(probe)
+    }
+
+    /// `mesh-agent exec` with a token the agent should refuse.
+    fn bind_refused(&self, token: &Path) -> anyhow::Result<std::process::Output> {
+        let output = self.exec(token)?.stdin(Stdio::null()).output()?;
+        anyhow::ensure!(!output.status.success(), "bound: {output:?}");
+        Ok(output)
+    }
+
+    fn exec(&self, token: &Path) -> anyhow::Result<Command> {
+        let mut command = self.mesh_agent()?;
+        command
+            .arg("exec")
+            .arg("--token")
+            .arg(token)
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--")
+            .arg(std::env::current_exe()?)
+            .args(["--exact", "probe", "--nocapture", "--test-threads=1"])
+            .env("MESH_PROBE", "1");
+        Ok(command)
+    }
+
+    fn control(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Ok(self
+            .mesh_agent()?
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()?)
+    }
+
+    fn bindings(&self) -> Vec<Binding> {
+        read_bindings(&self.state_dir()).unwrap()
+    }
+
+    fn audit(&self) -> Vec<AuditEvent> {
+        std::fs::read_to_string(self.state_dir().join(AUDIT_FILE))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    /// Whether a process of the node outside any binding gets a TCP
+    /// connection to the server.
+    fn unbound_connects(&self, port: u16) -> anyhow::Result<bool> {
+        Ok(self
+            .node
+            .enter(move || {
+                TcpStream::connect_timeout(&(SERVER, port).into(), Duration::from_secs(1))
+            })?
+            .is_ok())
+    }
+}
+
+fn rand_suffix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// A running agent, killed if the test ends before it stops.
+struct Agent(Child);
+
+impl Agent {
+    fn stop(mut self) -> anyhow::Result<()> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        anyhow::ensure!(self.0.wait()?.success(), "the agent did not stop cleanly");
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Pings on the probe's live connection every 100 ms until one fails or
+/// `patience` passes; when the failing ping started.
+fn first_failure(probe: &mut Probe, patience: Duration) -> Option<SystemTime> {
+    let deadline = Instant::now() + patience;
+    while Instant::now() < deadline {
+        let started = SystemTime::now();
+        if probe.ask("ping") != "ok" {
+            return Some(started);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn bound_processes_reach_their_grants_from_their_own_address_and_nothing_else() -> anyhow::Result<()>
+{
+    let setup = Setup::new()?;
+    let _agent = setup.start_agent()?;
+
+    let mut alice = setup.bind(&setup.token(ALICE, Duration::from_secs(600))?)?;
+    let mut bob = setup.bind(&setup.token(BOB, Duration::from_secs(600))?)?;
+    let alice_addr = alice.echo(ALICE_PORT);
+    let bob_addr = bob.echo(BOB_PORT);
+    assert!(
+        alice_addr.starts_with("ok 100.96.3."),
+        "alice: {alice_addr}"
+    );
+    assert!(bob_addr.starts_with("ok 100.96.3."), "bob: {bob_addr}");
+    assert_ne!(alice_addr, bob_addr, "each binding has its own address");
+
+    // Refused at connect(), at once, not after a timeout.
+    let refused_at_once = |probe: &mut Probe, port: u16| {
+        let started = Instant::now();
+        assert_eq!(probe.echo(port), "err EPERM", "port {port}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+    };
+    refused_at_once(&mut alice, BOB_PORT);
+    refused_at_once(&mut alice, NOBODY_PORT);
+    refused_at_once(&mut bob, ALICE_PORT);
+    // Not a service at all: refused too.
+    assert_eq!(alice.ask("echo 198.51.100.1:80"), "err EPERM");
+
+    // The server saw each identity's own pool address.
+    let seen: Vec<IpAddr> = setup.peers.lock().unwrap().iter().map(|p| p.ip()).collect();
+    for addr in [&alice_addr, &bob_addr] {
+        let addr: IpAddr = addr.trim_start_matches("ok ").parse()?;
+        assert!(seen.contains(&addr), "{addr} not among {seen:?}");
+    }
+
+    // A process of the same node that is bound to nothing is denied by the
+    // datapath, granted port or not.
+    assert!(!setup.unbound_connects(ALICE_PORT)?);
+
+    let bindings = setup.bindings();
+    assert_eq!(bindings.len(), 2);
+    assert!(bindings.iter().all(|b| b.ended.is_none()));
+    let by_identity: HashMap<&str, &Binding> =
+        bindings.iter().map(|b| (b.identity.as_str(), b)).collect();
+    let alice_cgroup = by_identity[ALICE].cgroup.clone();
+    assert!(alice_cgroup.starts_with(&setup.cgroups.0));
+
+    // The process tree exits: the binding is released, its cgroup removed.
+    drop(alice);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while setup.bindings().len() != 1 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        setup.bindings().len(),
+        1,
+        "alice's binding was not released"
+    );
+    assert!(!alice_cgroup.exists());
+    let audit = setup.audit();
+    let kinds: Vec<(AuditKind, Option<&str>)> = audit
+        .iter()
+        .map(|e| (e.event, e.identity.as_deref()))
+        .collect();
+    assert!(kinds.contains(&(AuditKind::Bind, Some(ALICE))));
+    assert!(kinds.contains(&(AuditKind::Bind, Some(BOB))));
+    assert!(kinds.contains(&(AuditKind::Release, Some(ALICE))));
+    let bind = audit.iter().find(|e| e.event == AuditKind::Bind).unwrap();
+    assert!(bind.pid.is_some() && bind.cgroup.is_some() && !bind.addresses.is_empty());
+    Ok(())
+}
+
+#[test]
+fn token_expiry_cuts_a_live_connection_within_a_second() -> anyhow::Result<()> {
+    let setup = Setup::new()?;
+    let _agent = setup.start_agent()?;
+    let mut alice = setup.bind(&setup.token(ALICE, Duration::from_secs(3))?)?;
+    let expires = UNIX_EPOCH + Duration::from_secs(setup.bindings()[0].expires);
+    let opened = alice.ask(&format!("open {SERVER}:{ALICE_PORT}"));
+    assert!(opened.starts_with("ok 100.96.3."), "{opened}");
+
+    let failed = first_failure(&mut alice, Duration::from_secs(6)).expect("never cut");
+    let late = failed.duration_since(expires).unwrap_or_default();
+    let early = expires.duration_since(failed).unwrap_or_default();
+    assert!(
+        early < Duration::from_millis(500),
+        "cut {early:?} before the token expired"
+    );
+    assert!(late < Duration::from_secs(1), "cut {late:?} after expiry");
+    assert_ne!(alice.ask("ping"), "ok", "the connection stays cut");
+    assert_eq!(alice.echo(ALICE_PORT), "err EPERM", "no new flows");
+    assert_eq!(setup.bindings()[0].ended.as_deref(), Some("expired"));
+    assert!(
+        setup
+            .audit()
+            .iter()
+            .any(|e| e.event == AuditKind::Expire && e.identity.as_deref() == Some(ALICE))
+    );
+    Ok(())
+}
+
+#[test]
+fn a_refreshed_token_keeps_the_binding() -> anyhow::Result<()> {
+    let setup = Setup::new()?;
+    let _agent = setup.start_agent()?;
+    let token = setup.token(ALICE, Duration::from_secs(3))?;
+    let mut alice = setup.bind(&token)?;
+    let first = setup.bindings()[0].expires;
+    let fresh = setup.key.issue(
+        &ALICE.parse()?,
+        "mesh",
+        Duration::from_secs(600),
+        SystemTime::now(),
+    )?;
+    std::fs::write(&token, fresh)?;
+    thread::sleep(Duration::from_secs(4));
+    let binding = &setup.bindings()[0];
+    assert!(binding.expires > first + 100, "not refreshed");
+    assert!(binding.ended.is_none());
+    assert!(alice.echo(ALICE_PORT).starts_with("ok "));
+    Ok(())
+}
+
+#[test]
+fn revocation_cuts_within_a_second_and_survives_a_restart() -> anyhow::Result<()> {
+    let setup = Setup::new()?;
+    let agent = setup.start_agent()?;
+    let mut alice = setup.bind(&setup.token(ALICE, Duration::from_secs(600))?)?;
+    assert!(
+        alice
+            .ask(&format!("open {SERVER}:{ALICE_PORT}"))
+            .starts_with("ok ")
+    );
+    assert_eq!(alice.ask("ping"), "ok");
+
+    let revoked = setup.control(&["revoke", ALICE, "--reason", "compromised"])?;
+    assert!(revoked.status.success(), "{revoked:?}");
+    let at = SystemTime::now();
+    let failed = first_failure(&mut alice, Duration::from_secs(3)).expect("never cut");
+    assert!(failed.duration_since(at).unwrap_or_default() < Duration::from_secs(1));
+    assert_eq!(alice.echo(ALICE_PORT), "err EPERM");
+    // A revoked identity binds no more.
+    setup.bind_refused(&setup.token(ALICE, Duration::from_secs(600))?)?;
+
+    agent.stop()?;
+    let _agent = setup.start_agent()?;
+    assert_eq!(
+        alice.echo(ALICE_PORT),
+        "err EPERM",
+        "revoked after a restart"
+    );
+    let status = setup
+        .mesh_agent()?
+        .args(["status", "--state-dir"])
+        .arg(setup.state_dir())
+        .arg("--bpffs")
+        .arg(setup.bpffs.path().join("mesh"))
+        .output()?;
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains(&format!("revoked: {ALICE}")), "{status}");
+    assert!(status.contains("compromised"), "{status}");
+
+    let lifted = setup.control(&["unrevoke", ALICE])?;
+    assert!(lifted.status.success(), "{lifted:?}");
+    assert!(alice.echo(ALICE_PORT).starts_with("ok 100.96.3."));
+    let kinds: Vec<AuditKind> = setup.audit().iter().map(|e| e.event).collect();
+    assert!(kinds.contains(&AuditKind::Revoke) && kinds.contains(&AuditKind::Unrevoke));
+    assert!(kinds.contains(&AuditKind::Reject));
+    Ok(())
+}
+
+#[test]
+fn the_socket_refuses_other_users_and_bad_tokens() -> anyhow::Result<()> {
+    let setup = Setup::new()?;
+    let _agent = setup.start_agent()?;
+    let token = setup.token(ALICE, Duration::from_secs(600))?;
+    // Outside the node's namespace: entering it needs root, and the
+    // socket is a file, the same from every namespace.
+    let as_nobody = || -> anyhow::Result<std::process::Output> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mesh-agent"));
+        command
+            .arg("exec")
+            .arg("--token")
+            .arg(&token)
+            .arg("--socket")
+            .arg(setup.socket())
+            .args(["--", "true"])
+            .uid(65534)
+            .gid(65534);
+        Ok(command.output()?)
+    };
+    let denied = as_nobody()?;
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("denied"),
+        "{denied:?}"
+    );
+    // Past the file mode, the agent itself checks who is asking.
+    std::fs::set_permissions(setup.socket(), std::fs::Permissions::from_mode(0o666))?;
+    let refused = as_nobody()?;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("(permission)"),
+        "{refused:?}"
+    );
+    assert!(setup.bindings().is_empty());
+
+    // A token signed by another key under the same key ID is refused, and
+    // audited.
+    let other = IssuerKey::generate(Algorithm::EdDsa, Some(setup.key.kid().to_owned()))?;
+    let forged = setup.dir.path().join("forged");
+    std::fs::write(
+        &forged,
+        other.issue(
+            &ALICE.parse()?,
+            "mesh",
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )?,
+    )?;
+    let output = setup.bind_refused(&forged)?;
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("bad_signature"),
+        "{output:?}"
+    );
+    assert!(setup.bindings().is_empty());
+    assert!(setup.audit().iter().any(|e| e.event == AuditKind::Reject
+        && e.identity.as_deref() == Some(ALICE)
+        && e.reason.is_some()));
+    Ok(())
+}

@@ -1,0 +1,1017 @@
+//! The node mesh between network namespaces joined by a veth: each node runs
+//! `mesh-agent run` with a join token, the records meet in a store — a
+//! directory, or an etcd cluster the test starts — and boringtun carries the
+//! tunnel (this kernel may lack WireGuard). Checked: an agent on node A
+//! reaches its granted service on node B through the tunnel; the veth
+//! carries only WireGuard; B refuses what A's policy wrongly allows; records
+//! with forged, expired or overreaching join tokens, records signed by
+//! another key than their token's, and replayed older records never become
+//! peers; a key rotation keeps a TCP connection alive (the pause is
+//! reported); a removed node's peer goes; and with etcd, losing a member,
+//! then the whole cluster, changes nothing, and a dead node ages out.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use mesh_agent::{
+    identity::{Algorithm, IssuerKey},
+    node::{NodeKey, NodeName, NodeRecord, SignedRecord, SigningKey, SigningPublicKey, token},
+};
+use mesh_tests::{BpfFs, NetNs, VethEnd, require_root, tcp_echo_server, tcp_echo_works, veth_pair};
+
+const MESH: &str = "198.18.0.0/16";
+const PORT: u16 = 51820;
+const GRANTED: u16 = 7000;
+const UNGRANTED: u16 = 7001;
+const HOUR: Duration = Duration::from_secs(3600);
+const PATIENCE: Duration = Duration::from_secs(2);
+const AGENT_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const SERVICE_B: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    Ipv4Addr::new(198, 18, 2, 1),
+    GRANTED,
+));
+
+/// boringtun-cli, installed by `cargo xtask setup`.
+fn boringtun() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/bin/boringtun-cli")
+}
+
+/// Node A's policy is wrong on purpose: it allows both ports. B's allows
+/// only the granted one.
+fn policy(ports: &str) -> String {
+    format!(
+        r#"version = 1
+trust_domain = "test.internal"
+
+[[identity]]
+id = "spiffe://test.internal/agent/a"
+addresses = ["198.18.1.1/32"]
+
+[[service]]
+name = "echo"
+addresses = ["198.18.2.1/32"]
+ports = ["{GRANTED}/tcp", "{UNGRANTED}/tcp"]
+
+[[grant]]
+from = ["spiffe://test.internal/agent/a"]
+to = ["echo"]
+ports = [{ports}]
+"#
+    )
+}
+
+fn granted_only() -> String {
+    policy(&format!("\"{GRANTED}/tcp\""))
+}
+
+/// A process the test started, killed on drop (and with the test process).
+struct Process(Child);
+
+impl Process {
+    /// Starts `command`, which dies with the thread that started it.
+    fn spawn(mut command: std::process::Command) -> Result<Self> {
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        Ok(Self(command.spawn()?))
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 5 s.
+    fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// Whether it has exited (a zombie until it is waited for), read
+    /// through /proc so that callers need no `&mut`.
+    fn exited(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.0.id()))
+            .is_ok_and(|stat| stat.split_whitespace().nth(2) == Some("Z"))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What every node shares: the admin key, its bundle, and the store.
+struct Mesh {
+    admin: IssuerKey,
+    dir: tempfile::TempDir,
+    /// `--store`.
+    store: String,
+}
+
+impl Mesh {
+    /// A mesh whose store is a directory.
+    fn new() -> Result<Self> {
+        let admin = IssuerKey::generate(Algorithm::EdDsa, Some("admin".into()))?;
+        let dir = tempfile::Builder::new().prefix("mesh-node-").tempdir()?;
+        std::fs::write(dir.path().join("bundle.json"), admin.bundle_json())?;
+        std::fs::create_dir(dir.path().join("store"))?;
+        let store = dir.path().join("store").display().to_string();
+        Ok(Self { admin, dir, store })
+    }
+
+    fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// Writes a record for a node no agent runs, as a forger would: its
+    /// token from `admin` grants `granted` for `ttl` from `issued` to a key
+    /// of its own, and its record claims `claimed`. Returns the node's key
+    /// and record.
+    fn plant(
+        &self,
+        admin: &IssuerKey,
+        node: &str,
+        granted: &str,
+        claimed: &str,
+        (issued, ttl): (SystemTime, Duration),
+    ) -> Result<(SigningKey, NodeRecord)> {
+        let key = SigningKey::generate()?;
+        let name: NodeName = node.parse()?;
+        let record = NodeRecord {
+            name: name.clone(),
+            public_key: NodeKey::generate()?.public(),
+            endpoint: "192.0.2.99:51820".parse()?,
+            prefix: claimed.parse()?,
+            sequence: 1,
+            join_token: token::issue(admin, &name, granted.parse()?, &key.public(), ttl, issued)?,
+        };
+        self.write(&key, &record)?;
+        Ok((key, record))
+    }
+
+    /// Writes `record`, signed with `key`, into the directory store.
+    fn write(&self, key: &SigningKey, record: &NodeRecord) -> Result<()> {
+        let signed = SignedRecord::sign(record.clone(), key);
+        let path = self.store_dir().join(format!("{}.json", record.name));
+        std::fs::write(path, signed.encode())?;
+        Ok(())
+    }
+}
+
+/// A node: a namespace on the underlay, and the agent running in it.
+/// Fields drop in order: the agent goes before its namespace.
+struct Node {
+    agent: Option<Process>,
+    ns: NetNs,
+    name: &'static str,
+    /// The mesh's shared folder (bundle) and `--store`.
+    shared: PathBuf,
+    store: String,
+    bpffs: BpfFs,
+    state: tempfile::TempDir,
+    underlay: Ipv4Addr,
+}
+
+impl Node {
+    fn new(ns: NetNs, name: &'static str, underlay: Ipv4Addr, mesh: &Mesh) -> Result<Self> {
+        Ok(Self {
+            agent: None,
+            ns,
+            name,
+            shared: mesh.dir.path().to_owned(),
+            store: mesh.store.clone(),
+            bpffs: BpfFs::mount()?,
+            state: tempfile::Builder::new().prefix("mesh-state-").tempdir()?,
+            underlay,
+        })
+    }
+
+    /// The node's signing key, as `mesh-agent node key` prints it (making
+    /// it in the state folder).
+    fn node_key(&self) -> Result<SigningPublicKey> {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+            .args(["node", "key", "--state-dir"])
+            .arg(self.state.path())
+            .output()?;
+        ensure!(output.status.success(), "node key: {output:?}");
+        Ok(String::from_utf8(output.stdout)?.trim().parse()?)
+    }
+
+    /// A join token for this node's key and `prefix`.
+    fn token(
+        &self,
+        mesh: &Mesh,
+        prefix: &str,
+        ttl: Duration,
+        issued: SystemTime,
+    ) -> Result<String> {
+        let name: NodeName = self.name.parse()?;
+        Ok(token::issue(
+            &mesh.admin,
+            &name,
+            prefix.parse()?,
+            &self.node_key()?,
+            ttl,
+            issued,
+        )?)
+    }
+
+    /// `mesh-agent run` joining with `join_token` and enforcing `policy` on
+    /// the mesh interface; its log goes to the state folder.
+    fn command(&self, join_token: &str, policy: &str) -> Result<std::process::Command> {
+        let dir = self.state.path();
+        std::fs::write(dir.join("join.token"), join_token)?;
+        std::fs::write(dir.join("policy.toml"), policy)?;
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let mut command = self.ns.command(env!("CARGO_BIN_EXE_mesh-agent"))?;
+        command
+            .arg("run")
+            .arg("--policy")
+            .arg(dir.join("policy.toml"))
+            .arg("--ingress=tc")
+            .arg("--join-token")
+            .arg(dir.join("join.token"))
+            .arg("--store")
+            .arg(&self.store)
+            .arg("--mesh-bundle")
+            .arg(self.shared.join("bundle.json"))
+            .arg(format!("--endpoint={}:{PORT}", self.underlay))
+            .arg(format!("--mesh-range={MESH}"))
+            .arg("--wireguard=userspace")
+            .arg("--wireguard-userspace")
+            .arg(boringtun())
+            .arg("--keepalive=1")
+            .arg("--bpffs")
+            .arg(self.bpffs.path().join("mesh"))
+            .arg("--state-dir")
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        Ok(command)
+    }
+
+    fn start(&mut self, join_token: &str, policy: &str) -> Result<()> {
+        self.agent = Some(Process::spawn(self.command(join_token, policy)?)?);
+        self.wait_for("the agent to be ready", || {
+            Ok(self.http("/readyz")?.starts_with("HTTP/1.1 200"))
+        })
+    }
+
+    /// Starts the agent with a token for `prefix`, valid for an hour.
+    fn join(&mut self, mesh: &Mesh, prefix: &str, policy: &str) -> Result<()> {
+        let token = self.token(mesh, prefix, HOUR, SystemTime::now())?;
+        self.start(&token, policy)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// GET `path` from the agent's metrics server, in its namespace.
+    fn http(&self, path: &str) -> Result<String> {
+        self.ns.enter(|| -> Result<String> {
+            let mut stream = TcpStream::connect_timeout(&"127.0.0.1:9464".parse()?, PATIENCE)?;
+            stream.set_read_timeout(Some(PATIENCE))?;
+            // One write: the server answers the first segment it reads.
+            let request = format!("GET {path} HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes())?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        })?
+    }
+
+    /// The value of the metric line that starts with `series`.
+    fn metric(&self, series: &str) -> Result<f64> {
+        let text = self.http("/metrics")?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .with_context(|| format!("no metric {series}"))
+    }
+
+    fn rejected(&self, reason: &str) -> Result<f64> {
+        self.metric(&format!(
+            "mesh_node_records_rejected_total{{reason=\"{reason}\"}}"
+        ))
+    }
+
+    fn wait_for(&self, what: &str, done: impl FnMut() -> Result<bool>) -> Result<()> {
+        self.wait_up_to(Duration::from_secs(15), what, done)
+    }
+
+    fn wait_up_to(
+        &self,
+        patience: Duration,
+        what: &str,
+        mut done: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + patience;
+        loop {
+            if done().unwrap_or(false) {
+                return Ok(());
+            }
+            if self.agent.as_ref().is_some_and(Process::exited) {
+                bail!("the agent exited waiting for {what}:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}; agent log:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until a new connection from agent A reaches `service`.
+    fn reaches(&self, service: SocketAddr) -> Result<()> {
+        self.wait_for("agent A to reach the service through the tunnel", || {
+            tcp_echo_works(&self.ns, AGENT_A, service, PATIENCE)
+        })
+    }
+
+    fn rotate_key(&self) -> Result<()> {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+            .args(["node", "rotate-key", "--state-dir"])
+            .arg(self.state.path())
+            .output()?;
+        ensure!(output.status.success(), "rotate-key: {output:?}");
+        Ok(())
+    }
+}
+
+/// Two nodes, A at 192.0.2.1 and B at 192.0.2.2 on the underlay veth.
+fn two_nodes(mesh: &Mesh) -> Result<(Node, Node)> {
+    let a = NetNs::new()?;
+    let b = NetNs::new()?;
+    veth_pair(
+        &VethEnd {
+            ns: &a,
+            name: "under-a",
+            addr: Ipv4Addr::new(192, 0, 2, 1),
+        },
+        &VethEnd {
+            ns: &b,
+            name: "under-b",
+            addr: Ipv4Addr::new(192, 0, 2, 2),
+        },
+    )?;
+    Ok((
+        Node::new(a, "node-a", Ipv4Addr::new(192, 0, 2, 1), mesh)?,
+        Node::new(b, "node-b", Ipv4Addr::new(192, 0, 2, 2), mesh)?,
+    ))
+}
+
+/// A and B joined with prefixes 198.18.1.0/24 and 198.18.2.0/24, each
+/// with the other as its peer.
+fn joined(mesh: &Mesh) -> Result<(Node, Node)> {
+    let (mut a, mut b) = two_nodes(mesh)?;
+    a.join(
+        mesh,
+        "198.18.1.0/24",
+        &policy(&format!("\"{GRANTED}/tcp\", \"{UNGRANTED}/tcp\"")),
+    )?;
+    b.join(mesh, "198.18.2.0/24", &granted_only())?;
+    for node in [&a, &b] {
+        node.wait_for("one peer", || Ok(node.metric("mesh_node_peers")? == 1.0))?;
+    }
+    Ok((a, b))
+}
+
+/// Three nodes on one underlay segment (a bridge in a namespace of its
+/// own): A, B and C at 192.0.2.1, .2 and .3. The bridge's namespace is
+/// returned too, to be dropped with them.
+fn three_nodes(mesh: &Mesh) -> Result<(NetNs, [Node; 3])> {
+    let lan = NetNs::new()?;
+    lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+    lan.ip(&["link", "set", "br0", "up"])?;
+    let mut nodes = Vec::new();
+    for (n, name) in [(1u8, "node-a"), (2, "node-b"), (3, "node-c")] {
+        let ns = NetNs::new()?;
+        let port = format!("lan-{n}");
+        ns.ip(&[
+            "link",
+            "add",
+            "under",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            lan.name(),
+        ])?;
+        lan.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        let address = Ipv4Addr::new(192, 0, 2, n);
+        ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "under"])?;
+        ns.ip(&["link", "set", "under", "up"])?;
+        nodes.push(Node::new(ns, name, address, mesh)?);
+    }
+    let nodes: [Node; 3] = nodes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("three nodes"))?;
+    Ok((lan, nodes))
+}
+
+/// Frames seen on an interface while a capture runs: a raw AF_PACKET
+/// socket, opened in the interface's namespace.
+struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl Capture {
+    fn start(ns: &NetNs, interface: &str) -> Result<Self> {
+        let interface = interface.to_owned();
+        let socket = ns.enter(move || -> Result<OwnedFd> {
+            let protocol = (libc::ETH_P_ALL as u16).to_be() as i32;
+            // SAFETY: plain socket calls; the descriptor is owned at once.
+            let socket = unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, protocol);
+                ensure!(
+                    fd >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                OwnedFd::from_raw_fd(fd)
+            };
+            let name = std::ffi::CString::new(interface)?;
+            // SAFETY: a valid C string.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            ensure!(index != 0, "no interface {name:?}");
+            // SAFETY: a zeroed sockaddr_ll with family, protocol and index.
+            unsafe {
+                let mut address: libc::sockaddr_ll = std::mem::zeroed();
+                address.sll_family = libc::AF_PACKET as u16;
+                address.sll_protocol = protocol as u16;
+                address.sll_ifindex = index as i32;
+                let bound = libc::bind(
+                    socket.as_raw_fd(),
+                    std::ptr::from_ref(&address).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                ensure!(bound == 0, "bind: {}", std::io::Error::last_os_error());
+                let timeout = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 50_000,
+                };
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    std::ptr::from_ref(&timeout).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+            }
+            Ok(socket)
+        })??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            // Bounded in time by the caller, in count here.
+            while !stopping.load(Ordering::Relaxed) && frames.len() < 100_000 {
+                // SAFETY: reads into a buffer of the given length.
+                let n = unsafe {
+                    libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            frames
+        });
+        Ok(Self { stop, thread })
+    }
+
+    fn finish(self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// What a frame on the underlay is, for the capture check: `Ok(true)` for
+/// WireGuard (UDP to or from the listen port), `Ok(false)` for ARP and
+/// IPv6 neighbour traffic, `Err` with a description for anything else.
+fn wireguard_only(frame: &[u8]) -> Result<bool, String> {
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    match ethertype {
+        0x0806 | 0x86dd => Ok(false),
+        0x0800 => {
+            let ip = &frame[14..];
+            let header = usize::from(ip[0] & 0x0f) * 4;
+            let udp = &ip[header..];
+            let ports = [
+                u16::from_be_bytes([udp[0], udp[1]]),
+                u16::from_be_bytes([udp[2], udp[3]]),
+            ];
+            if ip[9] == 17 && ports.contains(&PORT) {
+                Ok(true)
+            } else {
+                Err(format!("IPv4 protocol {} ports {ports:?}", ip[9]))
+            }
+        }
+        other => Err(format!("ethertype {other:#06x}")),
+    }
+}
+
+#[test]
+fn a_reaches_its_granted_service_on_b_through_wireguard_only() -> Result<()> {
+    require_root();
+    let mesh = Mesh::new()?;
+    let (mut a, mut b) = joined(&mesh)?;
+    for port in [GRANTED, UNGRANTED] {
+        tcp_echo_server(&b.ns, SocketAddr::from(([198, 18, 2, 1], port)))?;
+    }
+
+    let capture = Capture::start(&b.ns, "under-b")?;
+    let ungranted = SocketAddr::from(([198, 18, 2, 1], UNGRANTED));
+    // The first handshake may take a moment.
+    let reached = a.reaches(SERVICE_B);
+    let refused = !tcp_echo_works(&a.ns, AGENT_A, ungranted, PATIENCE)?;
+    let frames = capture.finish();
+    reached.with_context(|| format!("B's log:\n{}", b.log()))?;
+    ensure!(refused, "B let through a port its policy does not grant");
+    let mut tunnelled = 0;
+    for frame in &frames {
+        match wireguard_only(frame) {
+            Ok(wireguard) => tunnelled += usize::from(wireguard),
+            Err(what) => bail!("the underlay carried something other than WireGuard: {what}"),
+        }
+    }
+    ensure!(tunnelled > 0, "no WireGuard packets on the underlay");
+
+    // B leaves: its record goes, and A drops the peer.
+    b.agent.take();
+    std::fs::remove_file(mesh.store_dir().join("node-b.json"))?;
+    a.wait_for("the removed node's peer to go", || {
+        Ok(a.metric("mesh_node_peers")? == 0.0)
+    })?;
+
+    // A stops: the blackhole under the mesh's range stays until teardown.
+    a.agent.take();
+    let blackhole = |a: &Node| -> Result<bool> {
+        Ok(a.ns
+            .ip(&["route", "show", "proto", "77"])?
+            .contains(&format!("blackhole {MESH}")))
+    };
+    ensure!(blackhole(&a)?, "no blackhole route after the agent stopped");
+    let output =
+        a.ns.command(env!("CARGO_BIN_EXE_mesh-agent"))?
+            .arg("teardown")
+            .arg("--bpffs")
+            .arg(a.bpffs.path().join("mesh"))
+            .arg("--state-dir")
+            .arg(a.state.path())
+            .output()?;
+    ensure!(output.status.success(), "teardown: {output:?}");
+    ensure!(
+        String::from_utf8_lossy(&output.stdout).contains("mesh interface mesh0"),
+        "teardown did not remove the mesh interface: {output:?}"
+    );
+    ensure!(!blackhole(&a)?, "teardown left the mesh's routes");
+    Ok(())
+}
+
+#[test]
+fn records_with_bad_join_tokens_or_signatures_never_become_peers() -> Result<()> {
+    require_root();
+    let mesh = Mesh::new()?;
+    let (mut a, _b) = two_nodes(&mesh)?;
+    let now = SystemTime::now();
+    let forger = IssuerKey::generate(Algorithm::EdDsa, Some("admin".into()))?;
+    let current = (now, HOUR);
+    mesh.plant(&forger, "forged", "198.18.3.0/24", "198.18.3.0/24", current)?;
+    let expired = (now - HOUR, Duration::from_secs(1));
+    mesh.plant(
+        &mesh.admin,
+        "expired",
+        "198.18.4.0/24",
+        "198.18.4.0/24",
+        expired,
+    )?;
+    mesh.plant(
+        &mesh.admin,
+        "greedy",
+        "198.18.5.0/24",
+        "198.18.4.0/23",
+        current,
+    )?;
+    let (good_key, mut good) = mesh.plant(
+        &mesh.admin,
+        "good",
+        "198.18.6.0/24",
+        "198.18.6.0/24",
+        current,
+    )?;
+
+    // A node whose own token has expired does not start at all, nor does
+    // one whose token names another node key.
+    let own_expired = a.token(&mesh, "198.18.1.0/24", Duration::from_secs(1), now - HOUR)?;
+    let output = a.command(&own_expired, &granted_only())?.output()?;
+    ensure!(
+        !output.status.success(),
+        "an agent with an expired token ran"
+    );
+    ensure!(a.log().contains("expired"), "no reason given: {}", a.log());
+    let foreign = token::issue(
+        &mesh.admin,
+        &"node-a".parse()?,
+        "198.18.1.0/24".parse()?,
+        &SigningKey::generate()?.public(),
+        HOUR,
+        now,
+    )?;
+    let output = a.command(&foreign, &granted_only())?.output()?;
+    ensure!(
+        !output.status.success(),
+        "an agent ran with another node's token"
+    );
+    ensure!(
+        a.log().contains("bound to node key"),
+        "no reason given: {}",
+        a.log()
+    );
+
+    // `run --check` checks the token as the start would, and says so.
+    let token = a.token(&mesh, "198.18.1.0/24", HOUR, now)?;
+    let output = a
+        .command(&token, &granted_only())?
+        .arg("--check")
+        .stdout(Stdio::piped())
+        .output()?;
+    let said = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success()
+            && said.contains("join as node node-a owning 198.18.1.0/24")
+            && said.contains("bound to this node's key"),
+        "run --check: {output:?}"
+    );
+    let output = a
+        .command(&foreign, &granted_only())?
+        .arg("--check")
+        .output()?;
+    ensure!(
+        !output.status.success(),
+        "run --check passed another node's token"
+    );
+
+    a.start(&token, &granted_only())?;
+    a.wait_for("the good record to become the only peer", || {
+        Ok(a.metric("mesh_node_peers")? == 1.0)
+    })?;
+    for reason in ["bad_signature", "expired", "prefix_not_granted"] {
+        ensure!(a.rejected(reason)? == 1.0, "{reason} is not counted once");
+    }
+
+    // The good node's token, stolen from the store, with another
+    // WireGuard key: not signed by the good node's key, so not believed.
+    let newer = |record: &NodeRecord| -> Result<NodeRecord> {
+        Ok(NodeRecord {
+            public_key: NodeKey::generate()?.public(),
+            sequence: record.sequence + 1,
+            ..record.clone()
+        })
+    };
+    let stolen = newer(&good)?;
+    mesh.write(&SigningKey::generate()?, &stolen)?;
+    a.wait_for("the stolen token to be rejected", || {
+        Ok(a.rejected("bad_record_signature")? == 1.0)
+    })?;
+    // The good node rotates its key, then its older record is replayed.
+    let old = good.clone();
+    good = newer(&good)?;
+    mesh.write(&good_key, &good)?;
+    thread::sleep(Duration::from_millis(300));
+    mesh.write(&good_key, &old)?;
+    a.wait_for("the replayed record to be rejected", || {
+        Ok(a.rejected("replayed")? == 1.0)
+    })?;
+    ensure!(
+        a.metric("mesh_node_peers")? == 1.0,
+        "a rejected record took the good node's peer away"
+    );
+    Ok(())
+}
+
+/// Accepts connections on `addr` in `ns` and echoes everything, on a thread
+/// that lives as long as the test process.
+fn tcp_stream_echo_server(ns: &NetNs, addr: SocketAddr) -> Result<()> {
+    let listener = ns.enter(|| std::net::TcpListener::bind(addr))??;
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    if stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+#[test]
+fn a_key_rotation_keeps_a_tcp_connection() -> Result<()> {
+    require_root();
+    let mesh = Mesh::new()?;
+    let (a, b) = joined(&mesh)?;
+    tcp_stream_echo_server(&b.ns, SERVICE_B)?;
+    a.reaches(SERVICE_B)?;
+    let mut stream = a.ns.enter(|| -> Result<TcpStream> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::from((AGENT_A, 0)).into())?;
+        socket.connect_timeout(&SERVICE_B.into(), PATIENCE)?;
+        Ok(socket.into())
+    })??;
+    // TCP retransmits across the pause; 20 s is far beyond any.
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let echo = |stream: &mut TcpStream, n: u32| -> Result<Duration> {
+        let sent = Instant::now();
+        stream.write_all(&n.to_be_bytes())?;
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back)?;
+        ensure!(back == n.to_be_bytes(), "echoed {back:?} for {n}");
+        Ok(sent.elapsed())
+    };
+    echo(&mut stream, 0)?;
+
+    b.rotate_key()?;
+    let rotated_at = Instant::now();
+    let mut longest = Duration::ZERO;
+    for n in 1..=60 {
+        let round_trip = echo(&mut stream, n)
+            .with_context(|| format!("the connection broke; B's log:\n{}", b.log()))?;
+        longest = longest.max(round_trip);
+        thread::sleep(Duration::from_millis(50));
+    }
+    b.wait_for("B to take the new key", || {
+        Ok(b.metric("mesh_node_key_rotations_total")? == 1.0)
+    })?;
+    // A follows: a new connection goes through to B's new key too.
+    a.reaches(SERVICE_B)?;
+    ensure!(a.metric("mesh_node_peers")? == 1.0, "A lost its peer");
+    eprintln!(
+        "key rotation: the connection survived; longest round trip {longest:?} \
+         over the {:?} after the rotation",
+        rotated_at.elapsed()
+    );
+    Ok(())
+}
+
+/// An etcd cluster of `count` members in a node's namespace, serving
+/// clients on its underlay address and talking among themselves on the
+/// namespace's loopback; killed on drop, and its data removed.
+struct Etcd {
+    host: Ipv4Addr,
+    members: Vec<Option<Process>>,
+    data: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start(ns: &NetNs, host: Ipv4Addr, count: usize) -> Result<Self> {
+        let mut etcd = Self {
+            host,
+            members: (0..count).map(|_| None).collect(),
+            data: tempfile::Builder::new().prefix("mesh-etcd-").tempdir()?,
+        };
+        for member in 0..count {
+            etcd.start_member(ns, member)?;
+        }
+        etcd.wait_healthy(ns)?;
+        Ok(etcd)
+    }
+
+    fn client_url(&self, member: usize) -> String {
+        format!("http://{}:{}", self.host, 23790 + member)
+    }
+
+    fn peer_url(member: usize) -> String {
+        format!("http://127.0.0.1:{}", 23800 + member)
+    }
+
+    /// `--store` for the agents.
+    fn store(&self) -> String {
+        let endpoints: Vec<String> = (0..self.members.len())
+            .map(|m| self.client_url(m).replace("http://", ""))
+            .collect();
+        format!("etcd://{}/mesh-test", endpoints.join(","))
+    }
+
+    /// Starts member `member` (again, with its data, after `stop`).
+    fn start_member(&mut self, ns: &NetNs, member: usize) -> Result<()> {
+        let cluster: Vec<String> = (0..self.members.len())
+            .map(|m| format!("m{m}={}", Self::peer_url(m)))
+            .collect();
+        let client = self.client_url(member);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.path().join(format!("m{member}.log")))?;
+        let mut command = ns.command("etcd")?;
+        command
+            .arg(format!("--name=m{member}"))
+            .arg(format!(
+                "--data-dir={}",
+                self.data.path().join(format!("m{member}")).display()
+            ))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={}", Self::peer_url(member)))
+            .arg(format!(
+                "--initial-advertise-peer-urls={}",
+                Self::peer_url(member)
+            ))
+            .arg(format!("--initial-cluster={}", cluster.join(",")))
+            .arg("--initial-cluster-state=new")
+            .arg("--initial-cluster-token=mesh-test")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.members[member] = Some(Process::spawn(command)?);
+        Ok(())
+    }
+
+    fn stop(&mut self, member: usize) {
+        self.members[member].take();
+    }
+
+    /// Waits until every running member answers as healthy.
+    fn wait_healthy(&self, ns: &NetNs) -> Result<()> {
+        let endpoints: Vec<String> = (0..self.members.len())
+            .filter(|m| self.members[*m].is_some())
+            .map(|m| self.client_url(m))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let healthy = ns
+                .command("etcdctl")?
+                .arg(format!("--endpoints={}", endpoints.join(",")))
+                .args(["--dial-timeout=1s", "--command-timeout=2s"])
+                .args(["endpoint", "health"])
+                .env("ETCDCTL_API", "3")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?
+                .success();
+            if healthy {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = (0..self.members.len())
+                    .map(|m| {
+                        std::fs::read_to_string(self.data.path().join(format!("m{m}.log")))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                bail!("etcd did not become healthy:\n{}", logs.join("\n---\n"));
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[test]
+fn an_etcd_store_outlives_its_members_and_ages_out_dead_nodes() -> Result<()> {
+    require_root();
+    let mesh = Mesh::new()?;
+    let (mut a, mut b) = two_nodes(&mesh)?;
+    // The cluster serves on A's underlay address, so both nodes reach it.
+    let mut etcd = Etcd::start(&a.ns, a.underlay, 3)?;
+    for node in [&mut a, &mut b] {
+        node.store = etcd.store();
+    }
+    a.join(
+        &mesh,
+        "198.18.1.0/24",
+        &policy(&format!("\"{GRANTED}/tcp\", \"{UNGRANTED}/tcp\"")),
+    )?;
+    b.join(&mesh, "198.18.2.0/24", &granted_only())?;
+    for node in [&a, &b] {
+        node.wait_for("one peer", || Ok(node.metric("mesh_node_peers")? == 1.0))?;
+    }
+    tcp_stream_echo_server(&b.ns, SERVICE_B)?;
+    a.reaches(SERVICE_B)?;
+
+    // One member goes: the other two still make a quorum, and B's new key
+    // reaches A through them.
+    etcd.stop(0);
+    b.rotate_key()?;
+    b.wait_for("B to take the new key", || {
+        Ok(b.metric("mesh_node_key_rotations_total")? == 1.0)
+    })?;
+    a.reaches(SERVICE_B)?;
+
+    // The whole cluster goes: nothing changes, though the store errors.
+    etcd.stop(1);
+    etcd.stop(2);
+    a.wait_for("the store to fail", || {
+        Ok(a.metric("mesh_node_store_errors_total")? >= 2.0)
+    })?;
+    ensure!(
+        a.metric("mesh_node_peers")? == 1.0,
+        "losing etcd lost a peer"
+    );
+    a.reaches(SERVICE_B)?;
+
+    // Back, with its data; then B dies without a word, and its record ages
+    // out with its lease.
+    for member in 0..3 {
+        etcd.start_member(&a.ns, member)?;
+    }
+    etcd.wait_healthy(&a.ns)?;
+    thread::sleep(Duration::from_secs(6));
+    ensure!(
+        a.metric("mesh_node_peers")? == 1.0,
+        "etcd's return lost a peer"
+    );
+    if let Some(agent) = &mut b.agent {
+        let _ = agent.0.kill();
+        let _ = agent.0.wait();
+    }
+    a.wait_up_to(
+        Duration::from_secs(30),
+        "the dead node's record to age out",
+        || Ok(a.metric("mesh_node_peers")? == 0.0),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn three_nodes_each_peer_with_the_others_and_one_leaves() -> Result<()> {
+    require_root();
+    let mesh = Mesh::new()?;
+    let (_lan, [mut a, mut b, mut c]) = three_nodes(&mesh)?;
+    // One policy for all: A's agent may reach the echo services of B and C.
+    let policy = format!(
+        r#"version = 1
+trust_domain = "test.internal"
+
+[[identity]]
+id = "spiffe://test.internal/agent/a"
+addresses = ["198.18.1.1/32"]
+
+[[service]]
+name = "echo"
+addresses = ["198.18.2.1/32", "198.18.3.1/32"]
+ports = ["{GRANTED}/tcp"]
+
+[[grant]]
+from = ["spiffe://test.internal/agent/a"]
+to = ["echo"]
+ports = ["{GRANTED}/tcp"]
+"#
+    );
+    a.join(&mesh, "198.18.1.0/24", &policy)?;
+    b.join(&mesh, "198.18.2.0/24", &policy)?;
+    c.join(&mesh, "198.18.3.0/24", &policy)?;
+    for node in [&a, &b, &c] {
+        node.wait_for("two peers", || Ok(node.metric("mesh_node_peers")? == 2.0))?;
+    }
+    let service_c = SocketAddr::from(([198, 18, 3, 1], GRANTED));
+    tcp_stream_echo_server(&b.ns, SERVICE_B)?;
+    tcp_stream_echo_server(&c.ns, service_c)?;
+    a.reaches(SERVICE_B)?;
+    a.reaches(service_c)?;
+
+    // C leaves; A and B drop it, and keep each other.
+    c.agent.take();
+    std::fs::remove_file(mesh.store_dir().join("node-c.json"))?;
+    for node in [&a, &b] {
+        node.wait_for("the removed node's peer to go", || {
+            Ok(node.metric("mesh_node_peers")? == 1.0)
+        })?;
+    }
+    a.reaches(SERVICE_B)?;
+    ensure!(
+        !tcp_echo_works(&a.ns, AGENT_A, service_c, PATIENCE)?,
+        "A still reaches the node that left"
+    );
+    Ok(())
+}
