@@ -118,7 +118,13 @@ async fn serve(
     requests: mpsc::Sender<Pending>,
 ) -> io::Result<()> {
     let cred = stream.peer_cred()?;
-    let response = match cred.pid().and_then(|pid| u32::try_from(pid).ok()) {
+    // A peer outside the agent's PID namespace shows as pid 0, which would
+    // name the agent itself to cgroup.procs: such a peer is unknown.
+    let pid = cred
+        .pid()
+        .and_then(|pid| u32::try_from(pid).ok())
+        .filter(|&pid| pid != 0);
+    let response = match pid {
         _ if cred.uid() != 0 && cred.uid() != owner => Response::refused(
             "permission",
             format!("uid {} may not use the agent's socket", cred.uid()),
