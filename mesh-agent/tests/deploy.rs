@@ -8,10 +8,13 @@
 //!   ServiceMonitor against the Prometheus Operator's types; then the
 //!   references between the resources (names, labels, ports, volumes), which
 //!   no schema checks;
-//! - the systemd unit with `systemd-analyze verify` (any warning fails) and
-//!   `systemd-analyze security` (an exposure ceiling), and broken copies of
-//!   it, which must fail;
-//! - the agent's arguments in the DaemonSet and in the unit with
+//! - the systemd unit, alone and with its process-binding drop-in, with
+//!   `systemd-analyze verify` (any warning fails) and `systemd-analyze
+//!   security` (an exposure ceiling), and broken copies of it, which must
+//!   fail;
+//! - the agent's arguments in the DaemonSet and in the unit, and with the
+//!   process-binding and node-mesh flags that mesh-agent.env and the
+//!   DaemonSet patches of docs/operations.md add, with
 //!   `mesh-agent run --check`, read out of the files (environment and
 //!   paths resolved as the kubelet and systemd resolve them) so that they
 //!   cannot drift from what the agent accepts.
@@ -41,6 +44,9 @@ const SYSTEMD_EXPOSURE_MAX: u32 = 25;
 
 /// An address for `$(POD_IP)`: `run --check` binds nothing.
 const POD_IP: &str = "192.0.2.10";
+
+/// A name for `spec.nodeName`.
+const NODE_NAME: &str = "node-a";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -640,6 +646,8 @@ fn daemonset_command_line(docs: &[Value], scratch: &Path) -> Vec<String> {
             value.to_owned()
         } else if var["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP" {
             POD_IP.to_owned()
+        } else if var["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" {
+            NODE_NAME.to_owned()
         } else {
             panic!("no value for {name} in the test");
         };
@@ -722,6 +730,128 @@ fn the_daemonsets_arguments_pass_run_check() {
         let policy = flag(&args, "--policy").to_owned();
         fs::write(&policy, "version = 1\ntrust_domain = \"a\"\n[[grant]]\n").unwrap();
         assert!(!run_check(&args).status.success(), "{what}: bad policy");
+    }
+}
+
+/// The kustomize patches of docs/operations.md: its YAML blocks that start
+/// with `- target:`, without the indentation of a list item's block.
+fn documented_patches() -> Vec<String> {
+    let docs = fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    docs.split("```yaml\n")
+        .skip(1)
+        .filter_map(|block| block.split_once("```").map(|(yaml, _)| yaml))
+        .filter_map(|yaml| {
+            let indent = yaml.len() - yaml.trim_start_matches(' ').len();
+            yaml[indent..].starts_with("- target:").then(|| {
+                yaml.lines()
+                    .map(|line| format!("{}\n", line.get(indent..).unwrap_or_default()))
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+/// Runs the agent with `args` and returns its stdout.
+fn agent(args: &[&str]) -> String {
+    succeed(
+        Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+            .args(args)
+            .env_remove("RUST_LOG"),
+        "",
+    )
+}
+
+/// The patches that docs/operations.md gives for the DaemonSet (a second
+/// interface, process binding, the node mesh) render to valid resources
+/// with the base, and the agent's command line they make passes
+/// `run --check`, with the files they name from the mounted Secrets made as
+/// the docs make them (a trust bundle, a join token bound to the node's key).
+#[test]
+fn the_documented_patches_pass_run_check() {
+    let patches = documented_patches();
+    assert!(patches.len() >= 3, "{patches:?}");
+    let keys = tempfile::tempdir().unwrap();
+    let admin = keys.path().join("admin");
+    let state = keys.path().join("state");
+    agent(&["token", "keygen", "--out", admin.to_str().unwrap()]);
+    let node_key = agent(&["node", "key", "--state-dir", state.to_str().unwrap()]);
+    let token = agent(&[
+        "node",
+        "token",
+        "issue",
+        "--key",
+        admin.join("issuer.jwk").to_str().unwrap(),
+        "--node",
+        NODE_NAME,
+        "--prefix",
+        "198.18.1.0/24",
+        "--node-key",
+        node_key.trim(),
+        "--ttl",
+        "1d",
+    ]);
+    let join_token = keys.path().join("join-token");
+    fs::write(&join_token, token).unwrap();
+    let bundle = admin.join("bundle.json");
+
+    for patch in patches {
+        let dir = tempfile::tempdir().unwrap();
+        let base = relative(dir.path(), &deploy().join("kubernetes"));
+        let indented: String = patch.lines().map(|line| format!("  {line}\n")).collect();
+        fs::write(
+            dir.path().join("kustomization.yaml"),
+            format!(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\n\
+                 kind: Kustomization\n\
+                 resources:\n  - {}\n\
+                 patches:\n{indented}",
+                base.display()
+            ),
+        )
+        .unwrap();
+        let docs = kustomize(dir.path());
+        let what = format!("the base with the patch\n{patch}");
+        validate(&docs, &what);
+        check_references(&docs, &what);
+        let scratch = tempfile::tempdir().unwrap();
+        let mut args = daemonset_command_line(&docs, scratch.path());
+        let pod = &daemonset(&docs)["spec"]["template"]["spec"];
+        if args.iter().any(|arg| arg.starts_with("--agent-pool")) {
+            // The agent must see the pid of `exec` on the node.
+            assert_eq!(pod["hostPID"], true, "{what}");
+        }
+        // The files the flags name are in the mounted Secrets.
+        for (name, local) in [
+            ("--trust-bundle", &bundle),
+            ("--mesh-bundle", &bundle),
+            ("--join-token", &join_token),
+        ] {
+            if !args.iter().any(|arg| arg.starts_with(name)) {
+                continue;
+            }
+            let path = flag(&args, name).to_owned();
+            let mount = list(&container(&docs)["volumeMounts"])
+                .iter()
+                .find(|mount| Path::new(&path).starts_with(mount["mountPath"].as_str().unwrap()))
+                .unwrap_or_else(|| panic!("{what}: {name} {path} is on no volume"));
+            assert!(
+                list(&pod["volumes"])
+                    .iter()
+                    .any(|volume| volume["name"] == mount["name"] && volume["secret"].is_object()),
+                "{what}: {name} {path} is not in a Secret"
+            );
+            replace_flag(&mut args, name, local.to_str().unwrap());
+        }
+        // The node's key is in its state folder.
+        replace_flag(&mut args, "--state-dir", state.to_str().unwrap());
+        assert_checked(&args, &what);
+        if args.iter().any(|arg| arg.starts_with("--join-token")) {
+            let output = text(&run_check(&args).stdout);
+            assert!(
+                output.contains(&format!("mesh: join as node {NODE_NAME} ")),
+                "{what}:\n{output}"
+            );
+        }
     }
 }
 
@@ -887,6 +1017,28 @@ fn the_units_arguments_pass_run_check() {
     replace_flag(&mut args, "--policy", root().join(from).to_str().unwrap());
     assert_checked(&args, "deploy/systemd");
     assert!(!flag(&args, "--interface").is_empty());
+
+    // The flags of process binding that mesh-agent.env lists, commented
+    // out, pass too once added (with a trust bundle where they name one).
+    let env_source = fs::read_to_string(root().join("deploy/systemd/mesh-agent.env")).unwrap();
+    let binding: Vec<String> = env_source
+        .lines()
+        .filter_map(|line| line.strip_prefix('#')?.trim().strip_prefix("--agent-pool"))
+        .flat_map(|rest| {
+            format!("--agent-pool{rest}")
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(!binding.is_empty(), "mesh-agent.env lists no --agent-pool");
+    let keys = tempfile::tempdir().unwrap();
+    let bundle = keys.path().join("bundle.json");
+    fs::write(&bundle, "{\"keys\": []}\n").unwrap();
+    args.extend(binding);
+    assert!(flag(&args, "--trust-bundle").starts_with("/etc/mesh/"));
+    replace_flag(&mut args, "--trust-bundle", bundle.to_str().unwrap());
+    assert_checked(&args, "deploy/systemd with process binding");
 }
 
 /// `systemd-analyze verify` on a copy of the unit whose agent is the one
@@ -949,6 +1101,21 @@ fn the_unit_verifies() {
     let unit = unit_source();
     verify(&unit).unwrap();
     exposure_within_ceiling(&unit).unwrap();
+
+    // With the drop-in for process binding (its [Service] section appended,
+    // as systemd merges it): still valid, within the ceiling, and the cgroup
+    // tree writable.
+    let drop_in = fs::read_to_string(deploy().join("systemd/process-binding.conf")).unwrap();
+    let with_drop_in = format!("{unit}\n{drop_in}");
+    verify(&with_drop_in).unwrap();
+    exposure_within_ceiling(&with_drop_in).unwrap();
+    let drop_in = parse_unit(&drop_in);
+    assert_eq!(setting(&drop_in, "Service", "ProtectControlGroups"), "no");
+    assert_eq!(
+        setting(&drop_in, "Service", "ReadWritePaths"),
+        "/sys/fs/cgroup"
+    );
+
     let unit = parse_unit(&unit);
     for (key, value) in [
         ("Restart", "on-failure"),
@@ -1040,6 +1207,27 @@ fn the_containerfile_fits_the_deployments() {
         assert!(
             containerfile.contains(&format!("ARG {name}={in_setup}\n")),
             "the Containerfile's {name} is not setup.rs's {in_setup}"
+        );
+    }
+    // The Debian packages the agent's build needs (protoc and the protobuf
+    // well-known types, for the etcd client's gRPC code), installed in the
+    // build stage as setup.rs installs them.
+    let build_stage = containerfile
+        .split("\nFROM ")
+        .find(|stage| stage.contains(" AS build"))
+        .expect("a build stage");
+    let apt_install = build_stage
+        .split("RUN ")
+        .find(|run| run.contains("apt-get install"))
+        .expect("the build stage installs Debian packages");
+    for package in ["protobuf-compiler", "libprotobuf-dev"] {
+        assert!(
+            setup.contains(&format!("\"{package}\",")),
+            "setup.rs installs no {package}"
+        );
+        assert!(
+            apt_install.split_whitespace().any(|word| word == package),
+            "the Containerfile's build stage installs no {package}"
         );
     }
 }
