@@ -128,9 +128,12 @@ fn apt_packages() -> anyhow::Result<()> {
     }
     step(&format!("installing apt packages: {}", missing.join(" ")));
     cmd::require_root(&format!("installing {}", missing.join(" ")))?;
-    cmd::run(Command::new("apt-get").args(["update", "-q"]))?;
+    // Retries ride out a mirror's or the resolver's brief failure.
+    let retries = ["-o", "Acquire::Retries=5"];
+    cmd::run(Command::new("apt-get").args(retries).args(["update", "-q"]))?;
     cmd::run(
         Command::new("apt-get")
+            .args(retries)
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),

@@ -180,6 +180,9 @@ impl Apt {
 
     fn command(&self, program: &str) -> Command {
         let mut command = Command::new(program);
+        // Ride out a mirror's or the resolver's brief failure: apt waits
+        // longer before each retry.
+        command.args(["-o", "Acquire::Retries=5"]);
         for option in &self.options {
             command.arg("-o").arg(option);
         }
