@@ -15,13 +15,17 @@ use aya_build::Toolchain;
 const EBPF_PACKAGE: &str = "mesh-ebpf";
 /// The binary target of mesh-ebpf, i.e. the object's file name in OUT_DIR.
 const EBPF_OBJECT: &str = "mesh";
+/// The underlay shield's binary target, likewise.
+const SHIELD_OBJECT: &str = "shield";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo::rustc-check-cfg=cfg(mesh_ebpf_stub)");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     if skip_requested() {
-        std::fs::write(out_dir.join(EBPF_OBJECT), b"")?;
+        for object in [EBPF_OBJECT, SHIELD_OBJECT] {
+            std::fs::write(out_dir.join(object), b"")?;
+        }
         println!("cargo:rustc-cfg=mesh_ebpf_stub");
         println!("cargo:warning=AYA_BUILD_SKIP set: embedding no eBPF programs");
         return Ok(());

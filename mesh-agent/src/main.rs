@@ -292,11 +292,31 @@ struct MeshArgs {
     /// Make a new WireGuard key this often (90s, 1h, 7d).
     #[arg(long, value_name = "DURATION", value_parser = identity::parse_ttl)]
     key_rotation: Option<Duration>,
+    /// Shield this underlay interface (XDP): WireGuard from peers,
+    /// rate-limited handshakes from others, the --underlay-allow services;
+    /// everything else is dropped.
+    #[arg(long, value_name = "IFACE")]
+    underlay: Option<String>,
+    /// A host service the shield admits (repeat): tcp/PORT, udp/PORT or
+    /// icmp, with @CIDR for its sources (tcp/22@10.0.0.0/8).
+    #[arg(long = "underlay-allow", value_name = "SERVICE", requires = "underlay")]
+    underlay_allow: Vec<node::ShieldService>,
+    /// Packets to the WireGuard port the shield admits per second from
+    /// each source /24 (/48) that is no peer; bursts of twice as many.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    handshake_rate: u32,
+    /// The same, from all such sources together.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    handshake_rate_total: u32,
 }
 
 impl MeshArgs {
     /// `None` without `--join-token`; clap makes sure the rest is there.
-    fn options(&self, state_dir: &std::path::Path) -> anyhow::Result<Option<node::MeshOptions>> {
+    fn options(
+        &self,
+        state_dir: &std::path::Path,
+        control_socket: PathBuf,
+    ) -> anyhow::Result<Option<node::MeshOptions>> {
         let Some(join_token) = self.join_token.clone() else {
             return Ok(None);
         };
@@ -315,6 +335,15 @@ impl MeshArgs {
             keepalive: self.keepalive,
             key_rotation: self.key_rotation,
             state_dir: state_dir.to_owned(),
+            shield: self.underlay.clone().map(|interface| node::ShieldOptions {
+                interface,
+                services: self.underlay_allow.clone(),
+                rates: node::HandshakeRates {
+                    per_subnet: self.handshake_rate,
+                    overall: self.handshake_rate_total,
+                },
+            }),
+            control_socket,
         }))
     }
 }
@@ -616,7 +645,8 @@ fn check_run(args: &RunArgs) -> anyhow::Result<()> {
         "metrics: http://{}/metrics, /healthz and /readyz (at most {} series)",
         args.metrics_listen, args.metrics_max_series
     );
-    if let Some(mesh) = args.mesh.options(&args.places.state_dir)? {
+    let socket = args.binding.options(&args.places.state_dir).socket;
+    if let Some(mesh) = args.mesh.options(&args.places.state_dir, socket)? {
         for line in node::check(&mesh)? {
             println!("{line}");
         }
@@ -661,7 +691,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_else(|| args.places.state_dir.join(FLOW_LOG)),
                 flow_events_rate: args.flow_events_rate,
                 flow_events_burst: args.flow_events_burst,
-                mesh: args.mesh.options(&args.places.state_dir)?,
+                mesh: args.mesh.options(
+                    &args.places.state_dir,
+                    args.binding.options(&args.places.state_dir).socket,
+                )?,
                 bindings: args.binding.options(&args.places.state_dir),
             };
             tokio::runtime::Builder::new_current_thread()

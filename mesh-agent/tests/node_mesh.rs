@@ -1,14 +1,18 @@
-//! The node mesh between network namespaces joined by a veth: each node runs
-//! `mesh-agent run` with a join token, the records meet in a store — a
-//! directory, or an etcd cluster the test starts — and boringtun carries the
-//! tunnel (this kernel may lack WireGuard). Checked: an agent on node A
-//! reaches its granted service on node B through the tunnel; the veth
-//! carries only WireGuard; B refuses what A's policy wrongly allows; records
-//! with forged, expired or overreaching join tokens, records signed by
-//! another key than their token's, and replayed older records never become
-//! peers; a key rotation keeps a TCP connection alive (the pause is
-//! reported); a removed node's peer goes; and with etcd, losing a member,
-//! then the whole cluster, changes nothing, and a dead node ages out.
+//! The node mesh between network namespaces joined by a veth (or, for
+//! three nodes, a bridge): each node runs `mesh-agent run` with a join
+//! token, the records meet in a store — a directory, or an etcd cluster the
+//! test starts — and boringtun carries the tunnel (this kernel may lack
+//! WireGuard). Checked: an agent on node A reaches its granted service on
+//! node B through the tunnel; the veth carries only WireGuard; B refuses
+//! what A's policy wrongly allows; records with forged, expired or
+//! overreaching join tokens, records signed by another key than their
+//! token's, and replayed older records never become peers; a key rotation
+//! keeps a TCP connection alive (the pause is reported); a removed node's
+//! peer goes, and teardown removes what the agent left; a revocation on A
+//! is enforced on B within a second; the underlay shield admits peers and
+//! allowed services, rate-limits strangers and drops the rest; and with
+//! etcd, losing a member, then the whole cluster, changes nothing, and a
+//! dead node ages out.
 
 use std::{
     io::{Read as _, Write as _},
@@ -351,6 +355,44 @@ impl Node {
         self.wait_for("agent A to reach the service through the tunnel", || {
             tcp_echo_works(&self.ns, AGENT_A, service, PATIENCE)
         })
+    }
+
+    /// Adds `address` (with its prefix length) to `interface` in the
+    /// node's namespace.
+    fn ip_addr(&self, address: &str, interface: &str) -> Result<()> {
+        self.ns.ip(&["addr", "add", address, "dev", interface])?;
+        Ok(())
+    }
+
+    /// `mesh-agent ARGS --state-dir STATE`, asking the running agent.
+    fn control(&self, args: &[&str]) -> Result<()> {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .output()?;
+        ensure!(output.status.success(), "{args:?}: {output:?}");
+        Ok(())
+    }
+
+    /// Waits up to a second for `id` to be revoked here by the mesh on
+    /// node A's word (`revoked`), or no longer; how long it took.
+    fn mesh_revokes_within_a_second(&self, id: &str, revoked: bool) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let file =
+                std::fs::read_to_string(self.state.path().join("revoked.json")).unwrap_or_default();
+            if (file.contains(id) && file.contains("revoked on node node-a")) == revoked {
+                return Ok(start.elapsed());
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(1),
+                "{} of {id} took more than a second; log:\n{}",
+                if revoked { "revoking" } else { "lifting" },
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn rotate_key(&self) -> Result<()> {
@@ -918,6 +960,13 @@ fn an_etcd_store_outlives_its_members_and_ages_out_dead_nodes() -> Result<()> {
     }
     tcp_stream_echo_server(&b.ns, SERVICE_B)?;
     a.reaches(SERVICE_B)?;
+    // Revocations travel through etcd too.
+    let id = "spiffe://test.internal/agent/a";
+    a.control(&["revoke", id])?;
+    b.mesh_revokes_within_a_second(id, true)?;
+    a.control(&["unrevoke", id])?;
+    b.mesh_revokes_within_a_second(id, false)?;
+    a.reaches(SERVICE_B)?;
 
     // One member goes: the other two still make a quorum, and B's new key
     // reaches A through them.
@@ -1013,5 +1062,122 @@ ports = ["{GRANTED}/tcp"]
         !tcp_echo_works(&a.ns, AGENT_A, service_c, PATIENCE)?,
         "A still reaches the node that left"
     );
+    Ok(())
+}
+
+#[test]
+fn the_underlay_shield_admits_peers_and_services_and_drops_the_rest() -> Result<()> {
+    require_root();
+    let mesh = Mesh::new()?;
+    let (mut a, mut b) = two_nodes(&mesh)?;
+    let token = a.token(&mesh, "198.18.1.0/24", HOUR, SystemTime::now())?;
+    let mut command = a.command(
+        &token,
+        &policy(&format!("\"{GRANTED}/tcp\", \"{UNGRANTED}/tcp\"")),
+    )?;
+    command.args([
+        "--underlay=under-a",
+        "--underlay-allow=tcp/2222@192.0.2.0/24",
+        "--handshake-rate=5",
+        "--handshake-rate-total=50",
+    ]);
+    a.agent = Some(Process::spawn(command)?);
+    a.wait_for("the agent to be ready", || {
+        Ok(a.http("/readyz")?.starts_with("HTTP/1.1 200"))
+    })?;
+    b.join(&mesh, "198.18.2.0/24", &granted_only())?;
+    for node in [&a, &b] {
+        node.wait_for("one peer", || Ok(node.metric("mesh_node_peers")? == 1.0))?;
+    }
+    let shield = |verdict: &str, reason: &str| {
+        a.metric(&format!(
+            "mesh_underlay_packets_total{{reason=\"{reason}\",verdict=\"{verdict}\"}}"
+        ))
+    };
+
+    // The tunnel works through the shield: B's WireGuard is a peer's.
+    tcp_stream_echo_server(&b.ns, SERVICE_B)?;
+    a.reaches(SERVICE_B)?;
+    ensure!(
+        shield("pass", "peer")? > 0.0,
+        "no WireGuard admitted as a peer's"
+    );
+
+    // A host service on A is open to B's subnet; another port is not.
+    for port in [2222, 2223] {
+        tcp_stream_echo_server(&a.ns, SocketAddr::from(([192, 0, 2, 1], port)))?;
+    }
+    let from_b = Ipv4Addr::new(192, 0, 2, 2);
+    let open = |port: u16| {
+        tcp_echo_works(
+            &b.ns,
+            from_b,
+            SocketAddr::from(([192, 0, 2, 1], port)),
+            PATIENCE,
+        )
+    };
+    ensure!(open(2222)?, "the allowed host service is shut");
+    ensure!(
+        shield("pass", "service")? > 0.0,
+        "no service packet counted"
+    );
+    ensure!(!open(2223)?, "a host service that is not allowed is open");
+    ensure!(shield("drop", "other")? > 0.0, "no dropped packet counted");
+
+    // A flood at the WireGuard port from a source that is no peer: about
+    // a burst's worth (twice the rate) gets through, the rest is dropped.
+    b.ip_addr("192.0.2.77/24", "under-b")?;
+    let sent = b.ns.enter(|| -> Result<usize> {
+        let socket = std::net::UdpSocket::bind("192.0.2.77:0")?;
+        let initiation = [1u8; 148];
+        for _ in 0..200 {
+            socket.send_to(&initiation, ("192.0.2.1", PORT))?;
+        }
+        Ok(200)
+    })??;
+    a.wait_for("the flood to be counted", || {
+        Ok(shield("pass", "handshake")? + shield("drop", "handshake_limited")? >= sent as f64)
+    })?;
+    let admitted = shield("pass", "handshake")?;
+    ensure!(
+        (10.0..=15.0).contains(&admitted),
+        "{admitted} of {sent} handshakes from one subnet admitted; expected a burst of about 10"
+    );
+    // The peer is unaffected.
+    a.reaches(SERVICE_B)?;
+    Ok(())
+}
+
+#[test]
+fn a_revocation_on_a_is_enforced_on_b_within_a_second() -> Result<()> {
+    require_root();
+    let mesh = Mesh::new()?;
+    let (mut a, mut b) = two_nodes(&mesh)?;
+    a.join(&mesh, "198.18.1.0/24", &granted_only())?;
+    // B knows A's agent by an ID of its own, which A's policy does not
+    // name: revoking it on A changes nothing in A's datapath, so what stops
+    // the traffic is B.
+    let on_b = "spiffe://test.internal/agent/a-seen-by-b";
+    b.join(
+        &mesh,
+        "198.18.2.0/24",
+        &granted_only().replace("spiffe://test.internal/agent/a", on_b),
+    )?;
+    for node in [&a, &b] {
+        node.wait_for("one peer", || Ok(node.metric("mesh_node_peers")? == 1.0))?;
+    }
+    tcp_stream_echo_server(&b.ns, SERVICE_B)?;
+    a.reaches(SERVICE_B)?;
+
+    a.control(&["revoke", on_b, "--reason", "test"])?;
+    let took = b.mesh_revokes_within_a_second(on_b, true)?;
+    ensure!(
+        !tcp_echo_works(&a.ns, AGENT_A, SERVICE_B, PATIENCE)?,
+        "B let a revoked identity through"
+    );
+    a.control(&["unrevoke", on_b])?;
+    let lifted = b.mesh_revokes_within_a_second(on_b, false)?;
+    a.reaches(SERVICE_B)?;
+    eprintln!("revocation on A in force on B after {took:?}, lifted after {lifted:?}");
     Ok(())
 }

@@ -6,5 +6,6 @@
 #![no_std]
 
 pub mod datapath;
+pub mod shield;
 
 pub use datapath::*;

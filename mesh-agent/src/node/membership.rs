@@ -16,7 +16,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
 
 use ipnet::IpNet;
 
-use super::{Join, JoinVerifier, NodeName, NodeRecord, PublicKey, SignedRecord};
+use super::{Join, JoinVerifier, NodeName, NodeRecord, PublicKey, SignedRecord, SigningPublicKey};
 
 /// A checked record: a node to make a WireGuard peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,8 @@ pub struct Peer {
     pub prefix: IpNet,
     /// When its join token expires: it stops being a peer then.
     pub expires_at: SystemTime,
+    /// The key its join token binds it to: what it signs is its.
+    pub node_key: SigningPublicKey,
 }
 
 /// A store entry that was not made a peer, and why.
@@ -281,6 +283,7 @@ impl Checker {
             endpoint,
             prefix: record.prefix,
             expires_at: join.expires_at,
+            node_key: join.node_key,
         })
     }
 }

@@ -1,7 +1,8 @@
 //! The node in the mesh at run time: it joins with its token, publishes its
-//! record, and keeps its WireGuard peers equal to the valid records of the
-//! store — on every change of the store, and every few seconds, so that a
-//! token that expires takes its node out without a change.
+//! record and its revocations, and keeps its WireGuard peers equal to the
+//! valid records of the store and its revocations to its peers' — on every
+//! change of the store, and every few seconds, so that a token that expires
+//! takes its node out without a change.
 //!
 //! Encrypt or drop: the mesh's whole range is routed into the mesh
 //! interface from the start, where WireGuard sends a packet to the peer
@@ -21,15 +22,19 @@ use ipnet::IpNet;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 
 use super::{
-    Checker, Join, JoinVerifier, Local, NodeKey, NodeKeyError, NodeRecord, SignedRecord,
-    SigningKey, SigningPublicKey, Store, StoreError, StoreSpec, StoreWatch,
+    Checker, Join, JoinVerifier, Local, NodeKey, NodeKeyError, NodeRecord, ShieldError,
+    ShieldOptions, Signed, SignedRecord, SigningKey, SigningPublicKey, Store, StoreError,
+    StoreSpec, StoreWatch,
     keys::KEY_FILE,
-    store::watch_dir,
+    revocations::{self, Remote, RevocationList},
+    shield::Shield,
+    store::{Section, watch_dirs},
     teardown,
     wireguard::{self, Device, Mode, PeerConfig, WireGuardError},
 };
 use crate::{
-    identity::{BundleError, TokenError, TrustBundle},
+    control::{Request, Response},
+    identity::{BundleError, TokenError, TrustBundle, revocations::Revoked},
     metrics::Metrics,
 };
 
@@ -60,6 +65,11 @@ pub struct MeshOptions {
     pub key_rotation: Option<Duration>,
     /// Holds the node's key.
     pub state_dir: PathBuf,
+    /// Shield the underlay interface.
+    pub shield: Option<ShieldOptions>,
+    /// The agent's control socket, through which the peers' revocations
+    /// are applied.
+    pub control_socket: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +105,8 @@ pub enum MeshError {
     State(#[from] teardown::StateError),
     #[error("WireGuard interface")]
     WireGuard(#[from] WireGuardError),
+    #[error(transparent)]
+    Shield(#[from] ShieldError),
     #[error("setting up mesh metrics")]
     Metrics(#[from] prometheus::Error),
 }
@@ -146,7 +158,13 @@ pub struct Mesh {
     sequence: u64,
     /// The record last published, to tell if the store still has it.
     published: Option<Vec<u8>>,
+    /// This node's own revocations as last published, and the list.
+    revocations_published: Option<(Revoked, Vec<u8>)>,
+    /// The peers' revocation lists.
+    remote: Remote,
     device: Device,
+    /// On the underlay, if asked for.
+    shield: Option<Shield>,
     store: Store,
     counters: Counters,
     /// Rejections already logged and counted, so each is reported once.
@@ -199,6 +217,18 @@ impl Mesh {
             mtu,
             "mesh interface up"
         );
+        let shield = match &options.shield {
+            Some(shield_options) => {
+                let shield = Shield::start(shield_options, options.endpoint.port(), metrics)?;
+                tracing::info!(
+                    interface = shield_options.interface,
+                    services = shield_options.services.len(),
+                    "underlay shield up"
+                );
+                Some(shield)
+            }
+            None => None,
+        };
         Ok(Self {
             options,
             checker,
@@ -208,7 +238,10 @@ impl Mesh {
             signing,
             sequence: 0,
             published: None,
+            revocations_published: None,
+            remote: Remote::default(),
             device,
+            shield,
             store,
             counters,
             rejected: BTreeSet::new(),
@@ -223,10 +256,12 @@ impl Mesh {
     /// store until the agent stops.
     pub async fn run(mut self) {
         self.publish().await;
+        self.publish_revocations(true).await;
         let mut store_watch = self.watch_store().await;
-        // `mesh-agent node rotate-key` replaces the key file.
-        let mut key_watch = watch_dir(&self.options.state_dir)
-            .inspect_err(|err| tracing::warn!(error = %err, "cannot watch the key file"))
+        // `mesh-agent node rotate-key` replaces the key file, and `revoke`
+        // the revocations'.
+        let mut state_watch = watch_dirs(std::slice::from_ref(&self.options.state_dir))
+            .inspect_err(|err| tracing::warn!(error = %err, "cannot watch the state folder"))
             .ok();
         let mut recheck = tokio::time::interval(RECHECK);
         let rotation = self.options.key_rotation;
@@ -258,12 +293,13 @@ impl Mesh {
                     }
                     self.sync().await;
                 }
-                _ = changes(&mut key_watch) => {
+                _ = changes(&mut state_watch) => {
                     tokio::time::sleep(SETTLE).await;
-                    if let Some(watch) = &mut key_watch {
+                    if let Some(watch) = &mut state_watch {
                         watch.drain();
                     }
                     self.reload_key().await;
+                    self.publish_revocations(false).await;
                 }
                 _ = rotate.tick(), if rotation.is_some() => self.rotate().await,
             }
@@ -278,21 +314,26 @@ impl Mesh {
             .ok()
     }
 
-    /// A new record of this node, signed, with a sequence past the last:
-    /// the time in microseconds, so that it grows across restarts too.
-    fn record(&mut self) -> SignedRecord {
+    /// A sequence past the last this node signed: the time in
+    /// microseconds, so that it grows across restarts too.
+    fn next_sequence(&mut self) -> u64 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| {
                 u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
             });
         self.sequence = now.max(self.sequence + 1);
+        self.sequence
+    }
+
+    /// A new record of this node, signed.
+    fn record(&mut self) -> SignedRecord {
         let record = NodeRecord {
             name: self.join.node.clone(),
             public_key: self.key.public(),
             endpoint: self.options.endpoint,
             prefix: self.join.prefix,
-            sequence: self.sequence,
+            sequence: self.next_sequence(),
             join_token: self.token.clone(),
         };
         SignedRecord::sign(record, &self.signing)
@@ -308,7 +349,11 @@ impl Mesh {
 
     async fn publish(&mut self) {
         let bytes = self.record().encode();
-        match self.store.publish(&self.join.node, &bytes).await {
+        match self
+            .store
+            .publish(Section::Nodes, &self.join.node, &bytes)
+            .await
+        {
             Ok(()) => {
                 tracing::info!(public_key = %self.key.public(), sequence = self.sequence, "record published");
                 self.published = Some(bytes);
@@ -323,17 +368,111 @@ impl Mesh {
         }
     }
 
-    /// Reads the store, checks every record and brings the peers to the
-    /// valid ones. A store that cannot be read changes nothing.
-    async fn sync(&mut self) {
-        let entries = match self.store.read().await {
-            Ok(entries) => entries,
+    /// Publishes this node's own revocations, signed: if they changed
+    /// since they were last published, or always with `again`.
+    async fn publish_revocations(&mut self, again: bool) {
+        let revoked = match revocations::local(&self.options.state_dir) {
+            Ok(revoked) => revoked,
             Err(err) => {
-                self.counters.store_errors.inc();
-                tracing::warn!(error = %err, "cannot read the store; the last good peers stay");
+                tracing::error!(error = %err, "cannot read this node's revocations");
                 return;
             }
         };
+        if !again
+            && self
+                .revocations_published
+                .as_ref()
+                .is_some_and(|(published, _)| *published == revoked)
+        {
+            return;
+        }
+        let list = RevocationList {
+            node: self.join.node.clone(),
+            sequence: self.next_sequence(),
+            revoked: revoked.clone(),
+        };
+        let bytes = Signed::sign(list, &self.signing).encode();
+        match self
+            .store
+            .publish(Section::Revocations, &self.join.node, &bytes)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(revoked = revoked.len(), "revocations published");
+                self.revocations_published = Some((revoked, bytes));
+            }
+            Err(err) => {
+                self.counters.store_errors.inc();
+                tracing::error!(error = %err, "cannot publish this node's revocations; trying again");
+                self.revocations_published = None;
+            }
+        }
+    }
+
+    /// Applies the peers' revocations here, through the agent's control
+    /// socket, as `mesh-agent revoke` and `unrevoke` would.
+    async fn apply_revocations(&mut self) {
+        let here = match crate::identity::revocations::read(&self.options.state_dir) {
+            Ok(here) => here,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot read the revocations in force");
+                return;
+            }
+        };
+        let plan = self.remote.plan(&here);
+        let requests = plan
+            .revoke
+            .into_iter()
+            .map(|(id, reason)| Request::Revoke {
+                id,
+                reason: Some(reason),
+            })
+            .chain(plan.lift.into_iter().map(|id| Request::Unrevoke { id }));
+        for request in requests {
+            let socket = self.options.control_socket.clone();
+            let asked = request.clone();
+            // The control client blocks; the agent answers on this runtime.
+            let answer =
+                tokio::task::spawn_blocking(move || crate::control::request(&socket, &asked)).await;
+            match answer {
+                Ok(Ok(Response::Done { message })) => {
+                    tracing::info!(?request, message, "revocation from the mesh applied");
+                }
+                Ok(Ok(other)) => {
+                    tracing::error!(?request, answer = ?other, "the agent refused a revocation from the mesh");
+                }
+                Ok(Err(err)) => {
+                    tracing::error!(?request, error = %err, "cannot ask the agent to apply a revocation");
+                }
+                Err(err) => tracing::error!(error = %err, "asking the agent failed"),
+            }
+        }
+    }
+
+    /// Reads the store, checks every record and brings the peers to the
+    /// valid ones, and the revocations to theirs. A store that cannot be
+    /// read changes nothing.
+    async fn sync(&mut self) {
+        let (entries, lists) = match (
+            self.store.read(Section::Nodes).await,
+            self.store.read(Section::Revocations).await,
+        ) {
+            (Ok(entries), Ok(lists)) => (entries, lists),
+            (Err(err), _) | (_, Err(err)) => {
+                self.counters.store_errors.inc();
+                tracing::warn!(error = %err, "cannot read the store; the last good state stays");
+                return;
+            }
+        };
+        let own_list = lists
+            .iter()
+            .find(|e| e.name == self.join.node.as_str())
+            .map(|e| &e.bytes);
+        if own_list.is_none()
+            || own_list != self.revocations_published.as_ref().map(|(_, bytes)| bytes)
+        {
+            self.publish_revocations(true).await;
+        }
         // Someone else's write under this node's name is undone, and a
         // record that aged out is published again.
         let own = entries
@@ -344,7 +483,14 @@ impl Mesh {
             self.publish().await;
         }
         let local = self.local();
-        let membership = self.checker.check(&entries, &local, SystemTime::now());
+        let mut membership = self.checker.check(&entries, &local, SystemTime::now());
+        let lists: Vec<_> = lists
+            .into_iter()
+            .filter(|e| e.name != self.join.node.as_str())
+            .collect();
+        membership
+            .rejected
+            .extend(self.remote.update(&lists, &membership.peers));
         let rejected: BTreeSet<_> = membership
             .rejected
             .iter()
@@ -368,6 +514,7 @@ impl Mesh {
             }
         }
         self.rejected = rejected;
+        self.apply_revocations().await;
         let desired: Vec<PeerConfig> = membership
             .peers
             .values()
@@ -392,6 +539,12 @@ impl Mesh {
             }
         }
         self.counters.peers.set(membership.peers.len() as i64);
+        if let Some(shield) = &mut self.shield {
+            let endpoints = membership.peers.values().map(|p| p.endpoint.ip()).collect();
+            if let Err(err) = shield.sync_peers(&endpoints) {
+                tracing::error!(error = %err, "cannot update the underlay shield's peers");
+            }
+        }
     }
 
     /// A new key pair: saved, put in use, published. Peers follow when they
@@ -509,6 +662,17 @@ pub fn check(options: &MeshOptions) -> Result<Vec<String>, MeshError> {
             "mesh: interface {} by {implementation}; keepalive {} s; key rotation {rotation}",
             options.interface, options.keepalive
         ),
+        match &options.shield {
+            Some(shield) => format!(
+                "mesh: underlay {} shielded: WireGuard from peers, {} handshakes/s per subnet \
+                 and {}/s overall from others, {} host services",
+                shield.interface,
+                shield.rates.per_subnet,
+                shield.rates.overall,
+                shield.services.len()
+            ),
+            None => "mesh: no underlay shield".into(),
+        },
     ])
 }
 

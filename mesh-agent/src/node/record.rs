@@ -7,22 +7,13 @@
 
 use std::net::SocketAddr;
 
-use base64::Engine as _;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::{
     NodeName, PublicKey,
-    signing::{BadSignature, SigningKey, SigningPublicKey},
+    signed::{Document, Signed},
 };
-
-/// Far beyond any real record (a join token is at most 8 KiB); bounds what
-/// a bad store entry costs to read.
-pub const MAX_RECORD_LEN: usize = 16 * 1024;
-
-/// What the signature covers is this, then the record as compact JSON: a
-/// signature made for anything else never checks as a record's.
-const SIGNING_CONTEXT: &[u8] = b"mesh node record v1\n";
 
 /// One node's record. Untrusted until [`super::membership`] has checked its
 /// signature and its join token.
@@ -42,94 +33,17 @@ pub struct NodeRecord {
     pub join_token: String,
 }
 
+impl Document for NodeRecord {
+    const CONTEXT: &'static [u8] = b"mesh node record v1\n";
+}
+
 /// A record as the store holds it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignedRecord {
-    record: NodeRecord,
-    /// Ed25519 over [`SIGNING_CONTEXT`] and the record, base64url.
-    signature: Signature,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Signature([u8; 64]);
-
-#[derive(Debug, thiserror::Error)]
-pub enum RecordError {
-    #[error("{0} bytes long; a record is at most {MAX_RECORD_LEN}")]
-    TooLong(usize),
-    #[error("not a node record: {0}")]
-    Json(#[from] serde_json::Error),
-}
-
-impl SignedRecord {
-    pub fn sign(record: NodeRecord, key: &SigningKey) -> Self {
-        let signature = Signature(key.sign(&signed_bytes(&record)));
-        Self { record, signature }
-    }
-
-    /// Parses a record strictly: unknown or repeated members are errors.
-    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
-        if bytes.len() > MAX_RECORD_LEN {
-            return Err(RecordError::TooLong(bytes.len()));
-        }
-        Ok(serde_json::from_slice(bytes)?)
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = serde_json::to_vec_pretty(self).expect("a record is plain JSON");
-        bytes.push(b'\n');
-        bytes
-    }
-
-    /// The record as it claims to be, before any check: only to find the
-    /// join token that names the key to check it with.
-    pub fn unverified(&self) -> &NodeRecord {
-        &self.record
-    }
-
-    /// The record, if `key` signed it.
-    pub fn verify(&self, key: &SigningPublicKey) -> Result<&NodeRecord, BadSignature> {
-        key.verify(&signed_bytes(&self.record), &self.signature.0)?;
-        Ok(&self.record)
-    }
-}
-
-/// What is signed. The record is serialized again rather than taken as
-/// stored, so how the store spells it does not matter, only what it says.
-fn signed_bytes(record: &NodeRecord) -> Vec<u8> {
-    let mut bytes = SIGNING_CONTEXT.to_vec();
-    serde_json::to_writer(&mut bytes, record).expect("a record is plain JSON");
-    bytes
-}
-
-impl std::fmt::Debug for Signature {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.0))
-    }
-}
-
-impl Serialize for Signature {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&format_args!("{self:?}"))
-    }
-}
-
-impl<'de> Deserialize<'de> for Signature {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(&text)
-            .ok()
-            .and_then(|bytes| bytes.try_into().ok())
-            .map(Self)
-            .ok_or_else(|| serde::de::Error::custom("a signature is 64 bytes of base64url"))
-    }
-}
+pub type SignedRecord = Signed<NodeRecord>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::{SigningKey, signed::MAX_DOCUMENT_LEN};
 
     fn key() -> SigningKey {
         SigningKey::generate().unwrap()
@@ -163,7 +77,7 @@ mod tests {
         let key = key();
         let signed = SignedRecord::sign(record(), &key);
         let mut value = serde_json::to_value(&signed).unwrap();
-        value["record"]["endpoint"] = "192.0.2.66:51820".into();
+        value["body"]["endpoint"] = "192.0.2.66:51820".into();
         let changed = SignedRecord::decode(value.to_string().as_bytes()).unwrap();
         assert!(changed.verify(&key.public()).is_err());
     }
@@ -172,11 +86,11 @@ mod tests {
     fn refuses_unknown_and_repeated_members() {
         let signed = SignedRecord::sign(record(), &key());
         let mut value = serde_json::to_value(&signed).unwrap();
-        value["record"]["extra"] = 1.into();
+        value["body"]["extra"] = 1.into();
         assert!(SignedRecord::decode(value.to_string().as_bytes()).is_err());
         let text = serde_json::to_string(&signed).unwrap();
         let repeated = text.replacen(r#""name""#, r#""name":"node-b","name""#, 1);
         assert!(SignedRecord::decode(repeated.as_bytes()).is_err());
-        assert!(SignedRecord::decode(&vec![b' '; MAX_RECORD_LEN + 1]).is_err());
+        assert!(SignedRecord::decode(&vec![b' '; MAX_DOCUMENT_LEN + 1]).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! The etcd v3 store: each node's record under `PREFIX/nodes/NAME`, put on
 //! a lease the node keeps alive, so that the record of a node that dies
-//! ages out with the lease; changes come through an etcd watch.
+//! ages out with the lease; its revocations under `PREFIX/revocations/NAME`,
+//! on no lease. Changes come through an etcd watch of `PREFIX/`.
 //!
 //! The client is given every member's endpoint and balances between them,
 //! so losing a member of the cluster loses nothing while a quorum stays.
@@ -14,8 +15,8 @@ use etcd_client::{
 };
 use futures_util::StreamExt as _;
 
-use super::{Entry, MAX_ENTRIES, NodeName, StoreError, StoreWatch};
-use crate::node::record::MAX_RECORD_LEN;
+use super::{Entry, MAX_ENTRIES, NodeName, Section, StoreError, StoreWatch};
+use crate::node::signed::MAX_DOCUMENT_LEN;
 
 /// How long a record outlives its node: the lease's time to live. It is
 /// kept alive every few seconds (the mesh's recheck), well within it.
@@ -26,7 +27,7 @@ const DEADLINE: Duration = Duration::from_secs(3);
 
 pub struct EtcdStore {
     client: Client,
-    /// `PREFIX/nodes/`.
+    /// `PREFIX/`.
     prefix: String,
     /// For messages: the store as `--store` named it.
     name: String,
@@ -59,26 +60,31 @@ impl EtcdStore {
             })?;
         Ok(Self {
             client,
-            prefix: format!("{prefix}/nodes/"),
+            prefix: format!("{prefix}/"),
             name,
             lease: None,
         })
     }
 
-    /// Puts the entry on this node's lease, granting one first if there is
-    /// none (the first time, or after the last one expired).
-    pub async fn publish(&mut self, name: &NodeName, bytes: &[u8]) -> Result<(), StoreError> {
-        let lease = match &self.lease {
-            Some(lease) => lease.id,
-            None => self.grant().await?,
+    /// Puts the entry; a node record on this node's lease, granting one
+    /// first if there is none (the first time, or after the last one
+    /// expired).
+    pub async fn publish(
+        &mut self,
+        section: Section,
+        name: &NodeName,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let options = match section {
+            Section::Nodes => PutOptions::new().with_lease(match &self.lease {
+                Some(lease) => lease.id,
+                None => self.grant().await?,
+            }),
+            Section::Revocations => PutOptions::new(),
         };
         let put = self
             .client
-            .put(
-                format!("{}{name}", self.prefix),
-                bytes,
-                Some(PutOptions::new().with_lease(lease)),
-            )
+            .put(self.key(section, name.as_str()), bytes, Some(options))
             .await;
         if let Err(source) = put {
             // Perhaps the lease is gone: the next publish takes a new one.
@@ -88,13 +94,14 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// Every entry under the prefix.
-    pub async fn read(&mut self) -> Result<Vec<Entry>, StoreError> {
+    /// Every entry of `section`.
+    pub async fn read(&mut self, section: Section) -> Result<Vec<Entry>, StoreError> {
         let limit = i64::try_from(MAX_ENTRIES).expect("a small number");
+        let prefix = self.key(section, "");
         let response = self
             .client
             .get(
-                self.prefix.as_bytes(),
+                prefix.as_bytes(),
                 Some(GetOptions::new().with_prefix().with_limit(limit)),
             )
             .await
@@ -109,9 +116,9 @@ impl EtcdStore {
             .kvs()
             .iter()
             .map(|kv| Entry {
-                name: String::from_utf8_lossy(&kv.key()[self.prefix.len()..]).into_owned(),
+                name: String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned(),
                 // Too long to be a record: rejected, not skipped unseen.
-                bytes: kv.value()[..kv.value().len().min(MAX_RECORD_LEN + 1)].to_vec(),
+                bytes: kv.value()[..kv.value().len().min(MAX_DOCUMENT_LEN + 1)].to_vec(),
             })
             .collect();
         entries.sort_by(|a, b| a.name.cmp(&b.name));
@@ -189,6 +196,11 @@ impl EtcdStore {
             responses,
         });
         Ok(id)
+    }
+
+    /// `PREFIX/SECTION/NAME`.
+    fn key(&self, section: Section, name: &str) -> String {
+        format!("{}{}/{name}", self.prefix, section.name())
     }
 
     fn error(&self, what: &'static str, source: etcd_client::Error) -> StoreError {

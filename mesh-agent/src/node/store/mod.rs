@@ -14,7 +14,7 @@ use std::{fmt, io, path::PathBuf, str::FromStr};
 use futures_util::{FutureExt as _, StreamExt as _, stream::BoxStream};
 
 pub use self::{
-    directory::{DirectoryStore, watch_dir},
+    directory::{DirectoryStore, watch_dirs},
     etcd::EtcdStore,
 };
 use super::{Entry, NodeName};
@@ -106,6 +106,27 @@ pub enum StoreError {
     TooMany { store: String, limit: usize },
 }
 
+/// What a store keeps, each in a section of its own, by node name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    /// Node records; on etcd, on the node's lease.
+    Nodes,
+    /// Each node's revocations; they outlive their node's lease.
+    Revocations,
+}
+
+impl Section {
+    pub const ALL: [Self; 2] = [Self::Nodes, Self::Revocations];
+
+    /// The section's folder or key segment.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Nodes => "nodes",
+            Self::Revocations => "revocations",
+        }
+    }
+}
+
 /// Most entries a store is read with: far beyond any mesh, and a bound on
 /// what a flooded store costs.
 pub const MAX_ENTRIES: usize = 10_000;
@@ -127,19 +148,25 @@ impl Store {
         })
     }
 
-    /// Writes this node's entry, replacing its previous one at once.
-    pub async fn publish(&mut self, name: &NodeName, bytes: &[u8]) -> Result<(), StoreError> {
+    /// Writes this node's entry in `section`, replacing its previous one
+    /// at once.
+    pub async fn publish(
+        &mut self,
+        section: Section,
+        name: &NodeName,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
         match self {
-            Self::Directory(store) => store.publish(name, bytes),
-            Self::Etcd(store) => store.publish(name, bytes).await,
+            Self::Directory(store) => store.publish(section, name, bytes),
+            Self::Etcd(store) => store.publish(section, name, bytes).await,
         }
     }
 
-    /// Every entry, by name.
-    pub async fn read(&mut self) -> Result<Vec<Entry>, StoreError> {
+    /// Every entry of `section`, by name.
+    pub async fn read(&mut self, section: Section) -> Result<Vec<Entry>, StoreError> {
         match self {
-            Self::Directory(store) => store.read(),
-            Self::Etcd(store) => store.read().await,
+            Self::Directory(store) => store.read(section),
+            Self::Etcd(store) => store.read(section).await,
         }
     }
 
