@@ -786,13 +786,12 @@ fn agent(mesh_agent: &Path, results: &mut Results) -> anyhow::Result<()> {
         status.pid == Some(pid) && status.applied.is_some()
     })?;
 
-    let rss = rss_bytes(&pid.to_string())?;
-    results.add(
-        "memory.agent.rss_bytes",
-        rss as f64,
-        "bytes",
-        Some(AGENT_GRANTS),
-    );
+    let agent_rss = |results: &mut Results, grants| -> anyhow::Result<()> {
+        let rss = rss_bytes(&pid.to_string())?;
+        results.add("memory.agent.rss_bytes", rss as f64, "bytes", Some(grants));
+        Ok(())
+    };
+    agent_rss(results, AGENT_GRANTS)?;
     let patience = Duration::from_millis(5);
     ensure!(
         !tcp_echo_works(&agents, NEWCOMER, api, patience)?,
@@ -821,13 +820,7 @@ fn agent(mesh_agent: &Path, results: &mut Results) -> anyhow::Result<()> {
             .as_ref()
             .is_some_and(|applied| applied.summary.ends_with(&grown))
     })?;
-    let rss = rss_bytes(&pid.to_string())?;
-    results.add(
-        "memory.agent.rss_bytes",
-        rss as f64,
-        "bytes",
-        Some(MEMORY_GRANTS),
-    );
+    agent_rss(results, MEMORY_GRANTS)?;
     Ok(())
 }
 
