@@ -1,7 +1,7 @@
 //! Asking the running agent.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{self, BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,
     path::Path,
     time::Duration,
@@ -25,7 +25,12 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError>
     let mut line =
         serde_json::to_vec(request).map_err(|err| ControlError::Protocol(err.to_string()))?;
     line.push(b'\n');
-    stream.write_all(&line).map_err(socket_error)?;
+    // The agent answers a peer it does not serve at once and hangs up
+    // without reading the request; its answer is still there to read.
+    match stream.write_all(&line) {
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {}
+        written => written.map_err(socket_error)?,
+    }
     let mut answer = String::new();
     BufReader::new(stream)
         .read_line(&mut answer)
