@@ -39,6 +39,12 @@ pub(crate) fn clsact_filters() -> bool {
     KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
 }
 
+/// The TC program for a device with (`l3` false) or without an Ethernet
+/// header.
+fn tc_program(l3: bool) -> &'static str {
+    if l3 { programs::TC_L3 } else { programs::TC }
+}
+
 /// mesh's clsact filter judges before any other filter on the hook.
 const CLSACT_PRIORITY: u16 = 1;
 
@@ -176,7 +182,7 @@ impl Datapath {
         direction: TcAttachType,
         l3: bool,
     ) -> Result<Attachment, DatapathError> {
-        let name = if l3 { programs::TC_L3 } else { programs::TC };
+        let name = tc_program(l3);
         let link = if clsact_filters() {
             self.attach_clsact(interface, direction, name)?
         } else {

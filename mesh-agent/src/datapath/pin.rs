@@ -206,7 +206,7 @@ impl Datapath {
         interface: &str,
         direction: TcAttachType,
     ) -> Result<(), DatapathError> {
-        let name = tc_program(interface);
+        let name = super::tc_program(is_l3(interface));
         let link = self.attach_clsact(interface, direction, name)?;
         let program = self.tc(name)?;
         // Dropping our hold on the filter would detach it.
@@ -252,7 +252,7 @@ impl Datapath {
             }
             Hook::TcIngress | Hook::TcEgress => {
                 let link = SchedClassifierLink::try_from(link).map_err(invalid)?;
-                let program = tc_program(interface);
+                let program = super::tc_program(is_l3(interface));
                 self.tc(program)?
                     .attach_to_link(link)
                     .map(|link| Attachment::Tc { program, link })
@@ -335,16 +335,6 @@ fn detach_filter(interface: &str, direction: TcAttachType) -> io::Result<()> {
     match filter.detach() {
         Err(ProgramError::NetlinkError(err)) if err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         detached => detached.map_err(io::Error::other),
-    }
-}
-
-/// The TC program for `interface`: the L3 one on devices without an
-/// Ethernet header.
-fn tc_program(interface: &str) -> &'static str {
-    if is_l3(interface) {
-        mesh_common::programs::TC_L3
-    } else {
-        mesh_common::programs::TC
     }
 }
 
