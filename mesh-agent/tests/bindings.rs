@@ -29,10 +29,15 @@ use mesh_agent::{
     policy::SpiffeId,
 };
 use mesh_tests::{BpfFs, NetNs, VethEnd, require_root, veth_pair};
+use socket2::{Domain, Socket, Type};
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-const POOL: &str = "100.96.3.0/24";
+/// Each test's agent pool is its own: the source guard of one test's
+/// agent sees the sockets of every other test on the host.
+fn pool(test: u8) -> String {
+    format!("100.96.{}.0/24", 30 + test)
+}
 const ALICE: &str = "spiffe://acme.internal/agent/alice";
 const BOB: &str = "spiffe://acme.internal/agent/bob";
 /// Alice may reach 7000, Bob 7001; nobody 7002.
@@ -247,11 +252,13 @@ struct Setup {
     cgroups: CgroupRoot,
     key: IssuerKey,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
+    pool: String,
 }
 
 impl Setup {
-    fn new() -> anyhow::Result<Self> {
+    fn new(test: u8) -> anyhow::Result<Self> {
         require_root();
+        let pool = pool(test);
         let node = NetNs::new()?;
         let server = NetNs::new()?;
         veth_pair(
@@ -266,7 +273,7 @@ impl Setup {
                 addr: SERVER,
             },
         )?;
-        server.ip(&["route", "add", POOL, "via", &NODE.to_string()])?;
+        server.ip(&["route", "add", &pool, "via", &NODE.to_string()])?;
         let peers = echo_servers(&server)?;
         let dir = tempfile::tempdir()?;
         // Traversable, so that the socket's own mode is what keeps other
@@ -284,7 +291,16 @@ impl Setup {
             cgroups,
             key,
             peers,
+            pool,
         })
+    }
+
+    /// Whether a probe's answer is `ok` with an address of the pool.
+    fn ok_from_pool(&self, answer: &str) -> bool {
+        let prefix = self.pool.trim_end_matches("0/24");
+        answer
+            .strip_prefix("ok ")
+            .is_some_and(|addr| addr.starts_with(prefix))
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -304,7 +320,7 @@ impl Setup {
     fn start_agent(&self) -> anyhow::Result<Agent> {
         let child = self
             .mesh_agent()?
-            .args(["run", "--interface", "veth-n", "--agent-pool", POOL])
+            .args(["run", "--interface", "veth-n", "--agent-pool", &self.pool])
             .arg("--policy")
             .arg(self.dir.path().join("policy.toml"))
             .arg("--trust-bundle")
@@ -458,18 +474,15 @@ fn first_failure(probe: &mut Probe, patience: Duration) -> Option<SystemTime> {
 #[test]
 fn bound_processes_reach_their_grants_from_their_own_address_and_nothing_else() -> anyhow::Result<()>
 {
-    let setup = Setup::new()?;
+    let setup = Setup::new(1)?;
     let _agent = setup.start_agent()?;
 
     let mut alice = setup.bind(&setup.token(ALICE, Duration::from_secs(600))?)?;
     let mut bob = setup.bind(&setup.token(BOB, Duration::from_secs(600))?)?;
     let alice_addr = alice.echo(ALICE_PORT);
     let bob_addr = bob.echo(BOB_PORT);
-    assert!(
-        alice_addr.starts_with("ok 100.96.3."),
-        "alice: {alice_addr}"
-    );
-    assert!(bob_addr.starts_with("ok 100.96.3."), "bob: {bob_addr}");
+    assert!(setup.ok_from_pool(&alice_addr), "alice: {alice_addr}");
+    assert!(setup.ok_from_pool(&bob_addr), "bob: {bob_addr}");
     assert_ne!(alice_addr, bob_addr, "each binding has its own address");
 
     // Refused at connect(), at once, not after a timeout.
@@ -530,12 +543,12 @@ fn bound_processes_reach_their_grants_from_their_own_address_and_nothing_else() 
 
 #[test]
 fn token_expiry_cuts_a_live_connection_within_a_second() -> anyhow::Result<()> {
-    let setup = Setup::new()?;
+    let setup = Setup::new(2)?;
     let _agent = setup.start_agent()?;
     let mut alice = setup.bind(&setup.token(ALICE, Duration::from_secs(3))?)?;
     let expires = UNIX_EPOCH + Duration::from_secs(setup.bindings()[0].expires);
     let opened = alice.ask(&format!("open {SERVER}:{ALICE_PORT}"));
-    assert!(opened.starts_with("ok 100.96.3."), "{opened}");
+    assert!(setup.ok_from_pool(&opened), "{opened}");
 
     let failed = first_failure(&mut alice, Duration::from_secs(6)).expect("never cut");
     let late = failed.duration_since(expires).unwrap_or_default();
@@ -559,7 +572,7 @@ fn token_expiry_cuts_a_live_connection_within_a_second() -> anyhow::Result<()> {
 
 #[test]
 fn a_refreshed_token_keeps_the_binding() -> anyhow::Result<()> {
-    let setup = Setup::new()?;
+    let setup = Setup::new(3)?;
     let _agent = setup.start_agent()?;
     let token = setup.token(ALICE, Duration::from_secs(3))?;
     let mut alice = setup.bind(&token)?;
@@ -581,7 +594,7 @@ fn a_refreshed_token_keeps_the_binding() -> anyhow::Result<()> {
 
 #[test]
 fn revocation_cuts_within_a_second_and_survives_a_restart() -> anyhow::Result<()> {
-    let setup = Setup::new()?;
+    let setup = Setup::new(4)?;
     let agent = setup.start_agent()?;
     let mut alice = setup.bind(&setup.token(ALICE, Duration::from_secs(600))?)?;
     assert!(
@@ -620,16 +633,138 @@ fn revocation_cuts_within_a_second_and_survives_a_restart() -> anyhow::Result<()
 
     let lifted = setup.control(&["unrevoke", ALICE])?;
     assert!(lifted.status.success(), "{lifted:?}");
-    assert!(alice.echo(ALICE_PORT).starts_with("ok 100.96.3."));
+    assert!(setup.ok_from_pool(&alice.echo(ALICE_PORT)));
     let kinds: Vec<AuditKind> = setup.audit().iter().map(|e| e.event).collect();
     assert!(kinds.contains(&AuditKind::Revoke) && kinds.contains(&AuditKind::Unrevoke));
     assert!(kinds.contains(&AuditKind::Reject));
     Ok(())
 }
 
+/// No socket but the bound process's may send from its address: neither
+/// an unbound process that binds it, nor one that took it before the pool
+/// handed it out (IP_FREEBIND), nor one that sets it per datagram
+/// (IP_PKTINFO). Their packets never leave, or the datapath would take
+/// them for the bound identity's.
+#[test]
+fn only_the_bound_process_sends_from_its_address() -> anyhow::Result<()> {
+    let setup = Setup::new(6)?;
+    let _agent = setup.start_agent()?;
+    let mut alice = setup.bind(&setup.token(ALICE, Duration::from_secs(600))?)?;
+    let answer = alice.echo(ALICE_PORT);
+    assert!(setup.ok_from_pool(&answer), "{answer}");
+    let alice_addr: Ipv4Addr = answer.trim_start_matches("ok ").parse()?;
+    let server = SocketAddr::from((SERVER, ALICE_PORT));
+    let refused = |sent: &std::io::Result<usize>| {
+        sent.as_ref().map_err(|err| err.raw_os_error()) == Err(Some(libc::EPERM))
+    };
+
+    let socket_from = |from: Ipv4Addr| -> anyhow::Result<Socket> {
+        Ok(setup.node.enter(move || -> std::io::Result<Socket> {
+            let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            socket.set_freebind_v4(true)?;
+            socket.bind(&SocketAddr::from((from, 0)).into())?;
+            Ok(socket)
+        })??)
+    };
+    let sent = socket_from(alice_addr)?.send_to(b"x", &server.into());
+    assert!(refused(&sent), "a datagram from {alice_addr}: {sent:?}");
+    // The guard leaves other addresses alone.
+    socket_from(NODE)?.send_to(b"x", &server.into())?;
+
+    // Taken while nobody had it: the pool's next address, which becomes
+    // local when Bob is bound.
+    let next = Ipv4Addr::from(u32::from(alice_addr) + 1);
+    let early = socket_from(next)?;
+    let mut bob = setup.bind(&setup.token(BOB, Duration::from_secs(600))?)?;
+    assert_eq!(bob.echo(BOB_PORT), format!("ok {next}"));
+    let sent = early.send_to(b"x", &SocketAddr::from((SERVER, BOB_PORT)).into());
+    assert!(refused(&sent), "a datagram from {next}: {sent:?}");
+
+    // IP_PKTINFO: the socket is bound to nothing, the datagram's source set
+    // by a control message.
+    let with_pktinfo = setup.node.enter(move || -> std::io::Result<usize> {
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let info = libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from_ne_bytes(alice_addr.octets()),
+            },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        };
+        send_with_pktinfo(&socket, server, &info)
+    })?;
+    assert!(
+        refused(&with_pktinfo),
+        "IP_PKTINFO from {alice_addr}: {with_pktinfo:?}"
+    );
+
+    // A TCP connection from Alice's address gets nowhere either.
+    let connected = setup.node.enter(move || -> std::io::Result<()> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.bind(&SocketAddr::from((alice_addr, 0)).into())?;
+        socket.connect_timeout(&server.into(), Duration::from_secs(1))
+    })?;
+    assert!(connected.is_err(), "connected from {alice_addr}");
+
+    // Alice herself still gets through.
+    assert!(setup.ok_from_pool(&alice.echo(ALICE_PORT)));
+    Ok(())
+}
+
+/// `sendmsg()` of one byte to `to` with an `IP_PKTINFO` control message.
+fn send_with_pktinfo(
+    socket: &std::net::UdpSocket,
+    to: SocketAddr,
+    info: &libc::in_pktinfo,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    let SocketAddr::V4(to) = to else {
+        unreachable!("IPv4 only");
+    };
+    let mut name = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut byte = [b'x'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // u64s: aligned for a cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; the fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut name).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) } as usize;
+    // SAFETY: the control buffer holds one cmsghdr with an in_pktinfo, as
+    // CMSG_SPACE says, and msg points at it.
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::IPPROTO_IP;
+        (*cmsg).cmsg_type = libc::IP_PKTINFO;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), *info);
+        libc::sendmsg(socket.as_raw_fd(), &msg, 0)
+    };
+    if sent < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(sent as usize)
+    }
+}
+
 #[test]
 fn the_socket_refuses_other_users_and_bad_tokens() -> anyhow::Result<()> {
-    let setup = Setup::new()?;
+    let setup = Setup::new(5)?;
     let _agent = setup.start_agent()?;
     let token = setup.token(ALICE, Duration::from_secs(600))?;
     // Outside the node's namespace: entering it needs root, and the

@@ -48,6 +48,10 @@ pub mod maps {
     /// `HashMap<u64, CgroupBinding>`: cgroup id → the identity bound to
     /// the processes in it.
     pub const CGROUPS: &str = "CGROUPS";
+    /// `LpmTrie<[u8; 16], u64>`: agent pool prefix or bound address → the
+    /// cgroup id whose sockets may send from it (0: none may). LPM prefix
+    /// lengths count the 16-byte address only.
+    pub const SOURCE_OWNERS: &str = "SOURCE_OWNERS";
 }
 
 /// Names of the programs in the object file.
@@ -64,6 +68,10 @@ pub mod programs {
     pub const CONNECT6: &str = "mesh_connect6";
     pub const SENDMSG4: &str = "mesh_sendmsg4";
     pub const SENDMSG6: &str = "mesh_sendmsg6";
+    /// Cgroup egress hook at the root of the cgroup hierarchy: packets of
+    /// every socket on the host whose source is an agent pool address of
+    /// another cgroup than the socket's are dropped.
+    pub const SOURCE_GUARD: &str = "mesh_source_guard";
 }
 
 /// Indexes into the [`maps::CONFIG`] array.
@@ -468,6 +476,8 @@ pub mod capacity {
     pub const FRAGMENTS: u32 = 8_192;
     pub const COUNTERS: u32 = 16_384;
     pub const CGROUPS: u32 = 4_096;
+    /// Two addresses per binding, and the pools.
+    pub const SOURCE_OWNERS: u32 = 2 * CGROUPS + 256;
 }
 
 #[cfg(feature = "user")]

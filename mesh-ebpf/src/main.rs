@@ -5,12 +5,13 @@ mod frame;
 mod maps;
 mod parse;
 mod socket;
+mod source_guard;
 mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    macros::{cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, xdp},
+    programs::{SkBuffContext, SockAddrContext, TcContext, XdpContext},
 };
 use socket::Call;
 
@@ -51,6 +52,12 @@ pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
     socket::judge6(&ctx, Call::Sendmsg)
+}
+
+#[cgroup_skb(egress)]
+pub fn mesh_source_guard(ctx: SkBuffContext) -> i32 {
+    // Cgroup skb programs pass with 1 and drop with 0 (EPERM to the sender).
+    i32::from(source_guard::admits(&ctx))
 }
 
 #[inline(always)]

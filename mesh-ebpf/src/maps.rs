@@ -73,3 +73,7 @@ pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static CGROUPS: HashMap<u64, CgroupBinding> = HashMap::with_max_entries(capacity::CGROUPS, 0);
+
+#[map]
+pub static SOURCE_OWNERS: LpmTrie<[u8; 16], u64> =
+    LpmTrie::with_max_entries(capacity::SOURCE_OWNERS, 0);

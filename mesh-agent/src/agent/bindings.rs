@@ -155,6 +155,8 @@ pub enum BindingError {
 /// What binding needs once it is on (`--agent-pool`).
 struct Enabled {
     root: Cgroup,
+    /// The root of the cgroup hierarchy, where the source guard hooks in.
+    hierarchy: PathBuf,
     pool: AddressPool,
     bundle: PathBuf,
     loopback: Loopback,
@@ -228,13 +230,16 @@ impl Bindings {
                 Some(root) => root.clone(),
                 None => cgroup::default_root()?,
             };
+            let watch =
+                EmptiedWatch::new().map_err(io_error("watching cgroups under", root.clone()))?;
+            let root = Cgroup::ensure(&root)?;
             Some(Enabled {
-                root: Cgroup::ensure(&root)?,
+                hierarchy: root.hierarchy_root()?,
+                root,
                 pool: AddressPool::new(&options.pools)?,
                 bundle,
                 loopback: Loopback::new().await?,
-                watch: EmptiedWatch::new()
-                    .map_err(io_error("watching cgroups under", root.clone()))?,
+                watch,
             })
         };
         let table = read_bindings(state_dir)
@@ -346,10 +351,12 @@ impl Bindings {
             for (id, _) in datapath.cgroup_bindings()? {
                 datapath.remove_cgroup_binding(id)?;
             }
+            datapath.sync_source_owners(&BTreeMap::new())?;
             self.save();
             return Ok(());
         };
-        datapath.attach_cgroup_pinned(pins, enabled.root.path())?;
+        datapath.attach_cgroup_pinned(pins, enabled.root.path(), &enabled.hierarchy)?;
+        datapath.sync_source_owners(&self.source_owners())?;
         let ids: HashSet<u64> = self.table.values().map(|b| b.cgroup_id).collect();
         for (id, _) in datapath.cgroup_bindings()? {
             if !ids.contains(&id) {
@@ -367,6 +374,26 @@ impl Bindings {
         }
         self.release_exited(datapath).await;
         Ok(())
+    }
+
+    /// Who may send from which address of the pool: each binding's
+    /// cgroup from its own addresses, ended ones too until released, and
+    /// nobody from the rest.
+    fn source_owners(&self) -> BTreeMap<Prefix, u64> {
+        let Some(enabled) = &self.enabled else {
+            return BTreeMap::new();
+        };
+        let pools = enabled
+            .pool
+            .nets()
+            .into_iter()
+            .map(|net| (Prefix::new(net.addr(), net.prefix_len()), 0));
+        let bound = self.table.values().flat_map(|b| {
+            b.addresses
+                .iter()
+                .map(|address| (Prefix::host(*address), b.cgroup_id))
+        });
+        pools.chain(bound).collect()
     }
 
     /// When the next binding in force expires, if one is in force.
@@ -543,6 +570,7 @@ impl Bindings {
                 enabled.loopback.add(*address).await?;
             }
             datapath.set_cgroup_binding(cgroup.id(), &binding.kernel(tag, &Clock::now()?))?;
+            datapath.sync_source_owners(&self.source_owners())?;
             for address in &binding.addresses {
                 datapath.add_identity_host(*address, tag)?;
             }
@@ -726,6 +754,7 @@ impl Bindings {
             _ => {}
         }
         self.table.remove(name);
+        datapath.sync_source_owners(&self.source_owners())?;
         Ok(())
     }
 

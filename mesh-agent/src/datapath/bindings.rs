@@ -1,26 +1,32 @@
 //! Process bindings in the kernel: the cgroup socket programs, attached to
-//! the agent's cgroup root and pinned beside the interface links, and the
+//! the agent's cgroup root, and the source guard, attached to the root of
+//! the cgroup hierarchy, all pinned beside the interface links; and the
 //! entries of each binding — its cgroup in `CGROUPS`, its source addresses
-//! in `IDENTITY_HOSTS` under the live policy generation. How bindings come
-//! and go is in docs/identity.md.
+//! in `IDENTITY_HOSTS` under the live policy generation and in
+//! `SOURCE_OWNERS`. How bindings come and go is in docs/identity.md.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     net::IpAddr,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    maps::{
+        HashMap, MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, links::FdLink},
 };
 use mesh_common::{AddrKey, CgroupBinding, IdentityValue, config, maps, programs};
 
 use super::{
-    Datapath, DatapathError, Pins, Prefix, install::insert, map_error, program, program_error, sys,
+    Datapath, DatapathError, Pins, Prefix,
+    install::{insert, insert_lpm},
+    map_error, program, program_error, sys,
     traffic::ignore_missing,
 };
 
@@ -39,7 +45,9 @@ pub(super) fn load_socket_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError>
             .load()
             .map_err(program_error(name))?;
     }
-    Ok(())
+    program::<CgroupSkb>(ebpf, programs::SOURCE_GUARD)?
+        .load()
+        .map_err(program_error(programs::SOURCE_GUARD))
 }
 
 fn links_dir(pins: &Pins) -> PathBuf {
@@ -48,40 +56,73 @@ fn links_dir(pins: &Pins) -> PathBuf {
 
 impl Datapath {
     /// Attaches the socket programs to the cgroup `root` (cgroup v2), so
-    /// that they judge every process below it, and pins the links. Where an
-    /// earlier agent pinned them, this agent's programs take their place in
-    /// the same links atomically.
-    pub fn attach_cgroup_pinned(&mut self, pins: &Pins, root: &Path) -> Result<(), DatapathError> {
+    /// that they judge every process below it, and the source guard to
+    /// `hierarchy`, the root of the cgroup hierarchy, so that it sees every
+    /// socket on the host; pins the links. Where an earlier agent pinned
+    /// them, this agent's programs take their place in the same links
+    /// atomically.
+    pub fn attach_cgroup_pinned(
+        &mut self,
+        pins: &Pins,
+        root: &Path,
+        hierarchy: &Path,
+    ) -> Result<(), DatapathError> {
         let dir = links_dir(pins);
-        let pin_error = |path: &Path| {
-            let path = path.to_owned();
-            move |source| DatapathError::Pin { path, source }
-        };
         fs::create_dir_all(&dir).map_err(pin_error(&dir))?;
         let cgroup = fs::File::open(root).map_err(pin_error(root))?;
         for name in SOCKET_PROGRAMS {
             let path = dir.join(name);
             let program = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
-            let fd = program.fd().map_err(program_error(name))?;
-            match sys::update_pinned_link(&path, fd.as_fd()) {
-                Ok(()) => continue,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                // A link whose cgroup is gone: replace it.
-                Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => {
-                    fs::remove_file(&path).map_err(pin_error(&path))?;
-                }
-                Err(err) => return Err(pin_error(&path)(err)),
+            if adopt_link(&path, program.fd().map_err(program_error(name))?.as_fd())? {
+                continue;
             }
             // A link, never a legacy attachment: the kernel allows several
             // programs per cgroup hook with links, whatever the mode says.
             let id = program
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(program_error(name))?;
-            let link = program.take_link(id).map_err(program_error(name))?;
-            FdLink::try_from(link)
-                .map_err(|err| pin_error(&path)(io::Error::other(err)))?
-                .pin(&path)
-                .map_err(|err| pin_error(&path)(io::Error::other(err)))?;
+            pin_link(program.take_link(id).map_err(program_error(name))?, &path)?;
+        }
+        let name = programs::SOURCE_GUARD;
+        let path = dir.join(name);
+        let program = program::<CgroupSkb>(&mut self.ebpf, name)?;
+        if !adopt_link(&path, program.fd().map_err(program_error(name))?.as_fd())? {
+            let hierarchy = fs::File::open(hierarchy).map_err(pin_error(hierarchy))?;
+            let id = program
+                .attach(
+                    &hierarchy,
+                    CgroupSkbAttachType::Egress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(program_error(name))?;
+            pin_link(program.take_link(id).map_err(program_error(name))?, &path)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `SOURCE_OWNERS` hold exactly `owners`: prefix → the cgroup
+    /// whose sockets may send from it, 0 for none.
+    pub fn sync_source_owners(
+        &mut self,
+        owners: &BTreeMap<Prefix, u64>,
+    ) -> Result<(), DatapathError> {
+        let name = maps::SOURCE_OWNERS;
+        let mut map: LpmTrie<&mut MapData, [u8; 16], u64> = self.map(name)?;
+        let wanted: BTreeMap<(u32, [u8; 16]), u64> = owners
+            .iter()
+            .map(|(prefix, owner)| ((u32::from(prefix.len), prefix.addr.octets()), *owner))
+            .collect();
+        let present: Vec<Key<[u8; 16]>> = map
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(name))?;
+        for (&(len, addr), &owner) in &wanted {
+            insert_lpm(name, &mut map, &Key::new(len, addr), owner)?;
+        }
+        for key in present {
+            if !wanted.contains_key(&(key.prefix_len(), key.data())) {
+                ignore_missing(map.remove(&key)).map_err(map_error(name))?;
+            }
         }
         Ok(())
     }
@@ -146,26 +187,57 @@ impl Datapath {
     }
 }
 
+fn pin_error(path: &Path) -> impl FnOnce(io::Error) -> DatapathError {
+    let path = path.to_owned();
+    move |source| DatapathError::Pin { path, source }
+}
+
+/// Swaps `program` into the link pinned at `path` by an earlier agent;
+/// false if there is none to adopt.
+fn adopt_link(path: &Path, program: BorrowedFd<'_>) -> Result<bool, DatapathError> {
+    match sys::update_pinned_link(path, program) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        // A link whose cgroup is gone: replace it.
+        Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => {
+            fs::remove_file(path).map_err(pin_error(path))?;
+            Ok(false)
+        }
+        Err(err) => Err(pin_error(path)(err)),
+    }
+}
+
+fn pin_link<L>(link: L, path: &Path) -> Result<(), DatapathError>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    FdLink::try_from(link)
+        .map_err(|err| pin_error(path)(io::Error::other(err)))?
+        .pin(path)
+        .map_err(|err| pin_error(path)(io::Error::other(err)))?;
+    Ok(())
+}
+
 /// Detaches the socket programs' links at once and removes their pins;
 /// [`super::unpin_all`] does the rest.
 pub(super) fn unpin_socket_links(pins: &Pins) -> Result<(), DatapathError> {
     let dir = links_dir(pins);
-    let pin_error = |path: PathBuf| move |source| DatapathError::Pin { path, source };
     let links = match fs::read_dir(&dir) {
         Ok(links) => links,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(pin_error(dir)(err)),
+        Err(err) => return Err(pin_error(&dir)(err)),
     };
     for link in links {
-        let path = link.map_err(pin_error(dir.clone()))?.path();
+        let path = link.map_err(pin_error(&dir))?.path();
         match sys::detach_pinned_link(&path) {
             // Defunct already: its cgroup is gone.
             Err(err) if err.raw_os_error() != Some(libc::ENOLINK) => {
-                return Err(pin_error(path)(err));
+                return Err(pin_error(&path)(err));
             }
             _ => {}
         }
-        fs::remove_file(&path).map_err(pin_error(path))?;
+        fs::remove_file(&path).map_err(pin_error(&path))?;
     }
-    fs::remove_dir(&dir).map_err(pin_error(dir))
+    fs::remove_dir(&dir).map_err(pin_error(&dir))
 }

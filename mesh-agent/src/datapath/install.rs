@@ -218,7 +218,7 @@ pub(super) fn insert<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(
         .map_err(|err| full_or(name, map_capacity(map.map()), err))
 }
 
-fn insert_lpm<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(
+pub(super) fn insert_lpm<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(
     name: &'static str,
     map: &mut LpmTrie<T, K, V>,
     key: &Key<K>,

@@ -20,7 +20,7 @@ use mesh_common::maps;
 use super::{Attachment, Datapath, DatapathError};
 
 /// Every map the programs declare, in the order they are pinned.
-pub(super) const ALL_MAPS: [&str; 18] = [
+pub(super) const ALL_MAPS: [&str; 19] = [
     maps::CONFIG,
     maps::IDENTITY_HOSTS,
     maps::IDENTITY_PREFIXES,
@@ -39,6 +39,7 @@ pub(super) const ALL_MAPS: [&str; 18] = [
     maps::EVENT_BUCKET,
     maps::EVENTS_LOST,
     maps::CGROUPS,
+    maps::SOURCE_OWNERS,
 ];
 
 /// Where an attachment hooks in.

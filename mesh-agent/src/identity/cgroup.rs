@@ -53,6 +53,10 @@ pub fn default_root() -> Result<PathBuf, CgroupError> {
         .ok_or(CgroupError::NoCgroup2)
 }
 
+fn is_cgroup2(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|stat| stat.filesystem_type().0 == CGROUP2_MAGIC)
+}
+
 /// One cgroup v2 folder and its id: the id the kernel programs see, which
 /// is the folder's inode number.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,9 +69,7 @@ impl Cgroup {
     /// Opens the cgroup at `path`, made first if missing (the agent's root).
     pub fn ensure(path: &Path) -> Result<Self, CgroupError> {
         fs::create_dir_all(path).map_err(io_error("creating", path))?;
-        let stat = nix::sys::statfs::statfs(path)
-            .map_err(|errno| io_error("checking", path)(errno.into()))?;
-        if stat.filesystem_type().0 as i64 != CGROUP2_MAGIC {
+        if !is_cgroup2(path) {
             return Err(CgroupError::NotCgroup2(path.to_owned()));
         }
         Self::open(path)
@@ -91,6 +93,19 @@ impl Cgroup {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The root of the hierarchy the cgroup is in: its topmost ancestor
+    /// on the same cgroup v2 file system.
+    pub fn hierarchy_root(&self) -> Result<PathBuf, CgroupError> {
+        let path = fs::canonicalize(&self.path).map_err(io_error("resolving", &self.path))?;
+        let mut root = path.as_path();
+        while let Some(parent) = root.parent()
+            && is_cgroup2(parent)
+        {
+            root = parent;
+        }
+        Ok(root.to_owned())
     }
 
     pub fn id(&self) -> u64 {
