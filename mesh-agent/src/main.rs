@@ -75,6 +75,10 @@ enum Command {
     Teardown {
         #[command(flatten)]
         places: Places,
+        /// The cgroup below which the agent bound processes (as given to
+        /// `run`) [default: `mesh` below the cgroup v2 mount].
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
     },
     /// Run a command bound to the identity a token proves: its sockets
     /// reach what that identity is granted, from the identity's own address.
@@ -726,14 +730,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             agent::show_flows(&path, &filter, follow, &mut std::io::stdout().lock())?;
         }
-        Command::Teardown { places } => {
+        Command::Teardown {
+            places,
+            cgroup_root,
+        } => {
             agent::teardown(&places.state_dir, &places.bpffs)?;
             println!("mesh removed from {}", places.bpffs.display());
-            let removed = tokio::runtime::Builder::new_current_thread()
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?
-                .block_on(node::teardown(&places.state_dir))?;
-            if let Some(interface) = removed {
+                .build()?;
+            let left = runtime.block_on(agent::teardown_bindings(
+                &places.state_dir,
+                cgroup_root.as_deref(),
+            ))?;
+            for cgroup in left {
+                println!("{} left in place: it is not empty", cgroup.display());
+            }
+            if let Some(interface) = runtime.block_on(node::teardown(&places.state_dir))? {
                 println!("mesh interface {interface} and its routes removed");
             }
         }

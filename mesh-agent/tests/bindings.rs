@@ -197,18 +197,7 @@ impl CgroupRoot {
 impl Drop for CgroupRoot {
     fn drop(&mut self) {
         for child in self.children() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let procs = std::fs::read_to_string(child.join("cgroup.procs")).unwrap_or_default();
-                if procs.trim().is_empty() || Instant::now() > deadline {
-                    break;
-                }
-                for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
-                    // SAFETY: kill(2) on processes the test bound.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
+            kill_all_in(&child);
             let _ = std::fs::remove_dir(&child);
         }
         let _ = std::fs::remove_dir(&self.0);
@@ -709,6 +698,72 @@ fn only_the_bound_process_sends_from_its_address() -> anyhow::Result<()> {
     // Alice herself still gets through.
     assert!(setup.ok_from_pool(&alice.echo(ALICE_PORT)));
     Ok(())
+}
+
+/// `teardown` takes the bindings' addresses off the loopback interface and
+/// removes their cgroups and the cgroup root; a cgroup whose processes
+/// still run is left, said, and removed by a later teardown.
+#[test]
+fn teardown_leaves_no_binding_behind() -> anyhow::Result<()> {
+    let setup = Setup::new(7)?;
+    let agent = setup.start_agent()?;
+    let mut alice = setup.bind(&setup.token(ALICE, Duration::from_secs(600))?)?;
+    let answer = alice.echo(ALICE_PORT);
+    assert!(setup.ok_from_pool(&answer), "{answer}");
+    let alice_addr = answer.trim_start_matches("ok ").to_owned();
+    let cgroup = setup.bindings()[0].cgroup.clone();
+    agent.stop()?;
+    let on_loopback = || -> anyhow::Result<bool> {
+        let shown = setup.node.ip(&["-o", "addr", "show", "dev", "lo"])?;
+        Ok(shown.contains(&format!("{alice_addr}/")))
+    };
+    assert!(on_loopback()?, "the address is on lo while bound");
+
+    let teardown = || -> anyhow::Result<String> {
+        let output = setup
+            .mesh_agent()?
+            .arg("teardown")
+            .arg("--bpffs")
+            .arg(setup.bpffs.path().join("mesh"))
+            .arg("--state-dir")
+            .arg(setup.state_dir())
+            .arg("--cgroup-root")
+            .arg(&setup.cgroups.0)
+            .output()?;
+        anyhow::ensure!(output.status.success(), "teardown: {output:?}");
+        Ok(String::from_utf8(output.stdout)?)
+    };
+    let said = teardown()?;
+    assert!(
+        said.contains(&format!("{} left in place", cgroup.display())),
+        "{said}"
+    );
+    assert!(!on_loopback()?, "the address stayed on lo");
+    assert!(cgroup.exists());
+
+    drop(alice);
+    kill_all_in(&cgroup);
+    let said = teardown()?;
+    assert!(!said.contains("left in place"), "{said}");
+    assert!(!cgroup.exists() && !setup.cgroups.0.exists());
+    assert!(setup.bindings().is_empty());
+    Ok(())
+}
+
+/// Kills the processes in `cgroup` and waits until it is empty.
+fn kill_all_in(cgroup: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() || Instant::now() > deadline {
+            return;
+        }
+        for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
+            // SAFETY: kill(2) on processes the test bound.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `sendmsg()` of one byte to `to` with an `IP_PKTINFO` control message.

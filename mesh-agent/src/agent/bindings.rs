@@ -127,6 +127,92 @@ pub fn read_bindings(state_dir: &Path) -> io::Result<Vec<Binding>> {
     }
 }
 
+/// What `teardown` leaves of the bindings an agent recorded in
+/// `state_dir`: nothing but the cgroups that still hold processes (or
+/// cgroups it does not know), which it returns. Their addresses leave the loopback interface, empty cgroups
+/// and then the cgroup root (`root`, or the default) are removed, and the
+/// record is forgotten. Run after the socket programs are detached.
+pub async fn teardown_bindings(
+    state_dir: &Path,
+    root: Option<&Path>,
+) -> Result<Vec<PathBuf>, BindingError> {
+    let record = state_dir.join(BINDINGS_FILE);
+    let bindings = read_bindings(state_dir).map_err(|source| BindingError::Io {
+        what: "reading",
+        path: record.clone(),
+        source,
+    })?;
+    let mut left = Vec::new();
+    if !bindings.is_empty() {
+        let loopback = Loopback::new().await?;
+        for binding in &bindings {
+            for address in &binding.addresses {
+                loopback.remove(*address).await?;
+            }
+            match Cgroup::open(&binding.cgroup) {
+                Ok(cgroup) if cgroup.id() == binding.cgroup_id => {
+                    if cgroup.populated()? {
+                        left.push(binding.cgroup.clone());
+                    } else {
+                        cgroup.remove()?;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    // Without cgroup v2 there is no default root, and nothing was bound.
+    let root = root
+        .map(Path::to_owned)
+        .or_else(|| cgroup::default_root().ok());
+    // An agent that never bound a process may have made no root.
+    if let Some(root) = root
+        && left.is_empty()
+        && root.exists()
+    {
+        match std::fs::remove_dir(&root) {
+            // Cgroups below it that the record does not know.
+            Err(err) if err.raw_os_error() == Some(libc::EBUSY) => left.push(root),
+            Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                return Err(BindingError::Io {
+                    what: "removing",
+                    path: root,
+                    source: err,
+                });
+            }
+            _ => {}
+        }
+    }
+    // The bindings left are kept on record for a later teardown.
+    let kept: Vec<&Binding> = bindings
+        .iter()
+        .filter(|b| left.contains(&b.cgroup))
+        .collect();
+    let written = if kept.is_empty() {
+        std::fs::remove_file(&record).or_else(|err| match err.kind() {
+            io::ErrorKind::NotFound => Ok(()),
+            _ => Err(err),
+        })
+    } else {
+        write_bindings(state_dir, &kept)
+    };
+    written.map_err(|source| BindingError::Io {
+        what: "updating",
+        path: record,
+        source,
+    })?;
+    Ok(left)
+}
+
+/// Records `bindings` in `state_dir`, replacing the record whole.
+fn write_bindings(state_dir: &Path, bindings: &[&Binding]) -> io::Result<()> {
+    let path = state_dir.join(BINDINGS_FILE);
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(bindings).map_err(io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, &path)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BindingError {
     #[error(transparent)]
@@ -762,13 +848,8 @@ impl Bindings {
     /// updates the metrics.
     fn save(&self) {
         let bindings: Vec<&Binding> = self.table.values().collect();
-        let path = self.state_dir.join(BINDINGS_FILE);
-        let tmp = path.with_extension("json.tmp");
-        let written = serde_json::to_vec_pretty(&bindings)
-            .map_err(io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(err) = written {
+        if let Err(err) = write_bindings(&self.state_dir, &bindings) {
+            let path = self.state_dir.join(BINDINGS_FILE);
             tracing::error!(path = %path.display(), error = %err, "recording the bindings");
         }
         let in_force = self.table.values().filter(|b| b.ended.is_none()).count();

@@ -24,7 +24,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use self::{
-    bindings::{Binding, BindingError, BindingOptions, read_bindings},
+    bindings::{Binding, BindingError, BindingOptions, read_bindings, teardown_bindings},
     flows::{FlowFilter, FlowRecord, show_flows},
     lock::{AgentLock, LockError},
     preflight::PreflightError,
