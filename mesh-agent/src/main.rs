@@ -140,7 +140,7 @@ impl ControlArgs {
 #[derive(clap::Args)]
 struct BindingArgs {
     /// The trust bundle (JWKS) identity tokens are checked against.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", requires = "agent_pools")]
     trust_bundle: Option<PathBuf>,
     /// The agent pool: source addresses for bound processes, one IPv4
     /// and/or one IPv6 prefix. With a pool the agent binds processes.
@@ -649,8 +649,32 @@ fn check_run(args: &RunArgs) -> anyhow::Result<()> {
         "metrics: http://{}/metrics, /healthz and /readyz (at most {} series)",
         args.metrics_listen, args.metrics_max_series
     );
-    let socket = args.binding.options(&args.places.state_dir).socket;
-    if let Some(mesh) = args.mesh.options(&args.places.state_dir, socket)? {
+    let binding = args.binding.options(&args.places.state_dir);
+    if let Some(bundle) = &binding.trust_bundle {
+        let pool = identity::pool::AddressPool::new(&binding.pools)?;
+        let pools: Vec<String> = pool.nets().iter().map(ToString::to_string).collect();
+        let keys = TrustBundle::load(bundle)?.keys().count();
+        // Off the node there may be no cgroup v2 to find the default in.
+        let root = match binding
+            .cgroup_root
+            .clone()
+            .map(Ok)
+            .unwrap_or_else(identity::cgroup::default_root)
+        {
+            Ok(root) => root.display().to_string(),
+            Err(_) => "mesh below the cgroup v2 mount".to_owned(),
+        };
+        println!(
+            "binding: addresses from {}, cgroups below {root}",
+            pools.join(" and ")
+        );
+        println!(
+            "  tokens checked against {} ({keys} keys)",
+            bundle.display()
+        );
+        println!("  control socket {}", binding.socket.display());
+    }
+    if let Some(mesh) = args.mesh.options(&args.places.state_dir, binding.socket)? {
         for line in node::check(&mesh)? {
             println!("{line}");
         }

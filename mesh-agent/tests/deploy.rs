@@ -32,6 +32,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
+use mesh_agent::identity::{Algorithm, IssuerKey};
 use serde_json::Value;
 
 /// The Kubernetes versions whose API schemas the manifests must satisfy:
@@ -1034,11 +1035,33 @@ fn the_units_arguments_pass_run_check() {
     assert!(!binding.is_empty(), "mesh-agent.env lists no --agent-pool");
     let keys = tempfile::tempdir().unwrap();
     let bundle = keys.path().join("bundle.json");
-    fs::write(&bundle, "{\"keys\": []}\n").unwrap();
+    let issuer = IssuerKey::generate(Algorithm::EdDsa, None).unwrap();
+    fs::write(&bundle, issuer.bundle_json()).unwrap();
     args.extend(binding);
     assert!(flag(&args, "--trust-bundle").starts_with("/etc/mesh/"));
     replace_flag(&mut args, "--trust-bundle", bundle.to_str().unwrap());
     assert_checked(&args, "deploy/systemd with process binding");
+
+    // A trust bundle that cannot be read is found by the check, and one
+    // without a pool is refused: it would bind nothing.
+    let without_pool: Vec<String> = args
+        .iter()
+        .filter(|arg| !arg.starts_with("--agent-pool"))
+        .cloned()
+        .collect();
+    let missing = keys.path().join("missing.json");
+    replace_flag(&mut args, "--trust-bundle", missing.to_str().unwrap());
+    for (args, error) in [
+        (args, missing.to_str().unwrap()),
+        (without_pool, "--agent-pool"),
+    ] {
+        let output = run_check(&args);
+        let stderr = text(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(error),
+            "{args:?}: {stderr}"
+        );
+    }
 }
 
 /// `systemd-analyze verify` on a copy of the unit whose agent is the one

@@ -129,9 +129,10 @@ pub fn read_bindings(state_dir: &Path) -> io::Result<Vec<Binding>> {
 
 /// What `teardown` leaves of the bindings an agent recorded in
 /// `state_dir`: nothing but the cgroups that still hold processes (or
-/// cgroups it does not know), which it returns. Their addresses leave the loopback interface, empty cgroups
-/// and then the cgroup root (`root`, or the default) are removed, and the
-/// record is forgotten. Run after the socket programs are detached.
+/// cgroups it does not know), which it returns. Their addresses leave the
+/// loopback interface, empty cgroups and then the cgroup root (`root`, or
+/// the default) are removed, and the record is forgotten. Run after the
+/// socket programs are detached.
 pub async fn teardown_bindings(
     state_dir: &Path,
     root: Option<&Path>,
