@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
@@ -33,10 +33,16 @@ use socket2::{Domain, Socket, Type};
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-/// Each test's agent pool is its own: the source guard of one test's
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+/// Each test's agent pools are its own: the source guard of one test's
 /// agent sees the sockets of every other test on the host.
 fn pool(test: u8) -> String {
     format!("100.96.{}.0/24", 30 + test)
+}
+
+fn pool6(test: u8) -> String {
+    format!("fd00:6d65:{}::/64", 30 + test)
 }
 const ALICE: &str = "spiffe://acme.internal/agent/alice";
 const BOB: &str = "spiffe://acme.internal/agent/bob";
@@ -56,7 +62,7 @@ id = "spiffe://acme.internal/agent/bob"
 
 [[service]]
 name = "server"
-addresses = ["192.0.2.2/32"]
+addresses = ["192.0.2.2/32", "2001:db8::2/128"]
 ports = ["7000-7002/tcp"]
 
 [[grant]]
@@ -208,8 +214,12 @@ impl Drop for CgroupRoot {
 /// it records where connections come from.
 fn echo_servers(ns: &NetNs) -> anyhow::Result<Arc<Mutex<Vec<SocketAddr>>>> {
     let peers = Arc::new(Mutex::new(Vec::new()));
-    for port in [ALICE_PORT, BOB_PORT, NOBODY_PORT] {
-        let listener = ns.enter(move || TcpListener::bind((SERVER, port)))??;
+    let addresses = [IpAddr::V4(SERVER), IpAddr::V6(SERVER6)];
+    for (addr, port) in addresses
+        .into_iter()
+        .flat_map(|addr| [ALICE_PORT, BOB_PORT, NOBODY_PORT].map(|port| (addr, port)))
+    {
+        let listener = ns.enter(move || TcpListener::bind((addr, port)))??;
         let peers = peers.clone();
         thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -242,6 +252,7 @@ struct Setup {
     key: IssuerKey,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
     pool: String,
+    pool6: String,
 }
 
 impl Setup {
@@ -263,6 +274,17 @@ impl Setup {
             },
         )?;
         server.ip(&["route", "add", &pool, "via", &NODE.to_string()])?;
+        for (ns, addr, dev) in [(&node, NODE6, "veth-n"), (&server, SERVER6, "veth-s")] {
+            ns.ip(&["addr", "add", &format!("{addr}/64"), "dev", dev, "nodad"])?;
+        }
+        server.ip(&[
+            "-6",
+            "route",
+            "add",
+            &pool6(test),
+            "via",
+            &NODE6.to_string(),
+        ])?;
         let peers = echo_servers(&server)?;
         let dir = tempfile::tempdir()?;
         // Traversable, so that the socket's own mode is what keeps other
@@ -281,15 +303,19 @@ impl Setup {
             key,
             peers,
             pool,
+            pool6: pool6(test),
         })
     }
 
-    /// Whether a probe's answer is `ok` with an address of the pool.
+    /// Whether a probe's answer is `ok` with an address of a pool.
     fn ok_from_pool(&self, answer: &str) -> bool {
-        let prefix = self.pool.trim_end_matches("0/24");
+        let prefixes = [
+            self.pool.trim_end_matches("0/24"),
+            self.pool6.trim_end_matches(":/64"),
+        ];
         answer
             .strip_prefix("ok ")
-            .is_some_and(|addr| addr.starts_with(prefix))
+            .is_some_and(|addr| prefixes.iter().any(|p| addr.starts_with(p)))
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -309,7 +335,8 @@ impl Setup {
     fn start_agent(&self) -> anyhow::Result<Agent> {
         let child = self
             .mesh_agent()?
-            .args(["run", "--interface", "veth-n", "--agent-pool", &self.pool])
+            .args(["run", "--interface", "veth-n"])
+            .args(["--agent-pool", &self.pool, "--agent-pool", &self.pool6])
             .arg("--policy")
             .arg(self.dir.path().join("policy.toml"))
             .arg("--trust-bundle")
@@ -408,11 +435,11 @@ impl Setup {
 
     /// Whether a process of the node outside any binding gets a TCP
     /// connection to the server.
-    fn unbound_connects(&self, port: u16) -> anyhow::Result<bool> {
+    fn unbound_connects(&self, server: IpAddr, port: u16) -> anyhow::Result<bool> {
         Ok(self
             .node
             .enter(move || {
-                TcpStream::connect_timeout(&(SERVER, port).into(), Duration::from_secs(1))
+                TcpStream::connect_timeout(&(server, port).into(), Duration::from_secs(1))
             })?
             .is_ok())
     }
@@ -486,16 +513,30 @@ fn bound_processes_reach_their_grants_from_their_own_address_and_nothing_else() 
     // Not a service at all: refused too.
     assert_eq!(alice.ask("echo 198.51.100.1:80"), "err EPERM");
 
+    // The same over IPv6, from each binding's address of the IPv6 pool.
+    let echo6 = |probe: &mut Probe, port: u16| probe.ask(&format!("echo [{SERVER6}]:{port}"));
+    let alice_addr6 = echo6(&mut alice, ALICE_PORT);
+    assert!(
+        setup.ok_from_pool(&alice_addr6) && alice_addr6.contains(':'),
+        "alice over IPv6: {alice_addr6}"
+    );
+    assert_eq!(echo6(&mut alice, BOB_PORT), "err EPERM");
+    assert_eq!(echo6(&mut bob, ALICE_PORT), "err EPERM");
+    let bob_addr6 = echo6(&mut bob, BOB_PORT);
+    assert!(setup.ok_from_pool(&bob_addr6), "bob over IPv6: {bob_addr6}");
+    assert_ne!(alice_addr6, bob_addr6);
+
     // The server saw each identity's own pool address.
     let seen: Vec<IpAddr> = setup.peers.lock().unwrap().iter().map(|p| p.ip()).collect();
-    for addr in [&alice_addr, &bob_addr] {
+    for addr in [&alice_addr, &bob_addr, &alice_addr6, &bob_addr6] {
         let addr: IpAddr = addr.trim_start_matches("ok ").parse()?;
         assert!(seen.contains(&addr), "{addr} not among {seen:?}");
     }
 
     // A process of the same node that is bound to nothing is denied by the
-    // datapath, granted port or not.
-    assert!(!setup.unbound_connects(ALICE_PORT)?);
+    // datapath, granted port or not, over either family.
+    assert!(!setup.unbound_connects(SERVER.into(), ALICE_PORT)?);
+    assert!(!setup.unbound_connects(SERVER6.into(), ALICE_PORT)?);
 
     let bindings = setup.bindings();
     assert_eq!(bindings.len(), 2);
@@ -647,23 +688,36 @@ fn only_the_bound_process_sends_from_its_address() -> anyhow::Result<()> {
         sent.as_ref().map_err(|err| err.raw_os_error()) == Err(Some(libc::EPERM))
     };
 
-    let socket_from = |from: Ipv4Addr| -> anyhow::Result<Socket> {
+    let socket_from = |from: IpAddr| -> anyhow::Result<Socket> {
         Ok(setup.node.enter(move || -> std::io::Result<Socket> {
-            let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-            socket.set_freebind_v4(true)?;
+            let socket = Socket::new(Domain::for_address((from, 0).into()), Type::DGRAM, None)?;
+            if from.is_ipv4() {
+                socket.set_freebind_v4(true)?;
+            } else {
+                socket.set_freebind_v6(true)?;
+            }
             socket.bind(&SocketAddr::from((from, 0)).into())?;
             Ok(socket)
         })??)
     };
-    let sent = socket_from(alice_addr)?.send_to(b"x", &server.into());
+    let sent = socket_from(alice_addr.into())?.send_to(b"x", &server.into());
     assert!(refused(&sent), "a datagram from {alice_addr}: {sent:?}");
     // The guard leaves other addresses alone.
-    socket_from(NODE)?.send_to(b"x", &server.into())?;
+    socket_from(NODE.into())?.send_to(b"x", &server.into())?;
+
+    // Alice's IPv6 address is hers alone as well.
+    let answer = alice.ask(&format!("echo [{SERVER6}]:{ALICE_PORT}"));
+    assert!(setup.ok_from_pool(&answer), "{answer}");
+    let alice_addr6: Ipv6Addr = answer.trim_start_matches("ok ").parse()?;
+    let server6 = SocketAddr::from((SERVER6, ALICE_PORT));
+    let sent = socket_from(alice_addr6.into())?.send_to(b"x", &server6.into());
+    assert!(refused(&sent), "a datagram from {alice_addr6}: {sent:?}");
+    socket_from(NODE6.into())?.send_to(b"x", &server6.into())?;
 
     // Taken while nobody had it: the pool's next address, which becomes
     // local when Bob is bound.
     let next = Ipv4Addr::from(u32::from(alice_addr) + 1);
-    let early = socket_from(next)?;
+    let early = socket_from(next.into())?;
     let mut bob = setup.bind(&setup.token(BOB, Duration::from_secs(600))?)?;
     assert_eq!(bob.echo(BOB_PORT), format!("ok {next}"));
     let sent = early.send_to(b"x", &SocketAddr::from((SERVER, BOB_PORT)).into());
