@@ -98,6 +98,18 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the pinned map `{name}` ({pinned}) was made by an agent of another map layout \
+         (this one needs {needed}); stop the old agent and run `mesh-agent teardown` \
+         before starting this one: enforcement pauses in between"
+    )]
+    IncompatiblePin {
+        name: &'static str,
+        pinned: String,
+        needed: String,
+    },
+    #[error("reading the eBPF object: {0}")]
+    Object(#[source] aya_obj::ParseError),
     #[error("the link pinned for interface `{interface}` is not one of ours")]
     Adopt {
         interface: String,
@@ -142,6 +154,9 @@ impl Datapath {
         }
         let mut loader = EbpfLoader::new();
         sizes.apply(&mut loader);
+        if let Some(pins) = pins {
+            pins.check_layout(OBJECT)?;
+        }
         let pin_paths = pins.map(pin::Pins::map_paths).unwrap_or_default();
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());

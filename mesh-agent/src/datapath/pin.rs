@@ -9,11 +9,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{
-    Link as _, ProgramError, TcAttachType,
-    links::{FdLink, LinkError, PinnedLink},
-    tc::SchedClassifierLink,
-    xdp::XdpLink,
+use aya::{
+    maps::MapData,
+    programs::{
+        Link as _, ProgramError, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
 };
 use mesh_common::maps;
 
@@ -95,6 +98,37 @@ impl Pins {
             .iter()
             .map(|&name| (name, self.map_path(name)))
             .collect()
+    }
+
+    /// Checks that every map pinned here has the key and value size that
+    /// `object` declares: programs given a map of another layout
+    /// would be refused by the verifier, or worse, misread it.
+    pub(super) fn check_layout(&self, object: &[u8]) -> Result<(), DatapathError> {
+        let object = aya_obj::Object::parse(object).map_err(DatapathError::Object)?;
+        for (name, path) in self.map_paths() {
+            let Ok(pinned) = MapData::from_pin(&path) else {
+                // Not pinned yet: the loader makes it.
+                continue;
+            };
+            let info = pinned
+                .info()
+                .map_err(|source| DatapathError::Map { name, source })?;
+            let declared = object
+                .maps
+                .get(name)
+                .ok_or(DatapathError::MissingMap(name))?;
+            let describe = |key: u32, value: u32| format!("keys of {key} B, values of {value} B");
+            let pinned = describe(info.key_size(), info.value_size());
+            let needed = describe(declared.key_size(), declared.value_size());
+            if pinned != needed {
+                return Err(DatapathError::IncompatiblePin {
+                    name,
+                    pinned,
+                    needed,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// `links/<hook>/<interface>`. bpffs refuses names with a dot, which
