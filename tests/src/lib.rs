@@ -66,6 +66,11 @@ impl NetNs {
         run("ip", &["netns", "add", &name])?;
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"])?;
+        // No duplicate address detection on interfaces made later: until
+        // it ends, a link-local address is tentative and IPv6 neighbour
+        // discovery sends nothing, so the first packets of a test are lost.
+        ns.enter(|| std::fs::write("/proc/sys/net/ipv6/conf/default/accept_dad", "0"))?
+            .context("turning off duplicate address detection")?;
         Ok(ns)
     }
 
