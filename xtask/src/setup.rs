@@ -17,7 +17,8 @@ use crate::cmd::{self, output, step, workspace_root};
 /// wireguard-tools; the benchmarks nftables and netsniff-ng (trafgen); the
 /// metrics tests prometheus (the server and promtool); the deployment tests
 /// systemd (systemd-analyze) and python3-venv; the node mesh tests
-/// etcd-server; and building the agent protobuf-compiler and libprotobuf-dev
+/// etcd-server and etcd-client (etcdctl, to tell when a member is up);
+/// and building the agent protobuf-compiler and libprotobuf-dev
 /// (protoc and its well-known types, for the etcd client's gRPC code).
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
@@ -33,6 +34,7 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
     "python3-venv",
     "etcd-server",
+    "etcd-client",
     "protobuf-compiler",
     "libprotobuf-dev",
 ];
