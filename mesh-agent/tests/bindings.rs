@@ -351,7 +351,9 @@ impl Setup {
             .stderr(Stdio::null())
             .spawn()?;
         let agent = Agent(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // Generous: the agent loads its programs first, which takes seconds
+        // under the verifier in an emulated VM (cargo xtask vm).
+        let deadline = Instant::now() + Duration::from_secs(90);
         while !self.socket().exists() {
             anyhow::ensure!(Instant::now() < deadline, "the agent did not start");
             thread::sleep(Duration::from_millis(50));

@@ -8,7 +8,9 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t bpf bpf /sys/fs/bpf
-# LD_LIBRARY_PATH, and the test filter as positional parameters.
+# For the cgroup socket hooks of process bindings.
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# PATH, LD_LIBRARY_PATH and the tests' settings.
 . /vm/env
 echo "MESH-VM kernel $(uname -r)"
 for module in /vm/modules/*.ko; do
@@ -17,6 +19,8 @@ done
 ip link set lo up
 for test in /vm/tests/*; do
     suite=${test##*/}
+    # The suite's libtest arguments, as positional parameters.
+    . "/vm/args/$suite"
     read -r start _ < /proc/uptime
     echo "MESH-VM suite-begin $suite"
     "$test" --test-threads=1 "$@" 2>&1

@@ -1,6 +1,7 @@
 //! The VM's root file system: busybox, iproute2's `ip`, the kernel modules
-//! the tests need and the test binaries, with their shared libraries, in an
-//! uncompressed cpio archive in the "newc" format the kernel unpacks.
+//! the tests need, the test binaries and the programs they run, with their
+//! shared libraries, in an uncompressed cpio archive in the "newc" format
+//! the kernel unpacks.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -22,19 +23,27 @@ const IP: &str = "/usr/sbin/ip";
 const BUSYBOX: &str = "/usr/bin/busybox";
 const INIT: &str = include_str!("init.sh");
 
-/// A compiled test binary and the suite name it runs under.
+/// A compiled test binary, the suite name it runs under and its libtest
+/// arguments.
 pub struct Suite {
     pub name: String,
+    pub binary: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// A program the tests run, and where in the VM they expect it.
+pub struct Program {
+    pub at: String,
     pub binary: PathBuf,
 }
 
 /// Writes the initramfs for a kernel whose modules are in `modules` (with
-/// `modules.dep`), running `suites` with the libtest `filter`.
+/// `modules.dep`), running `suites` and holding `programs`.
 pub fn build(
     path: &Path,
     modules: &Path,
     suites: &[Suite],
-    filter: &[String],
+    programs: &[Program],
 ) -> anyhow::Result<()> {
     let mut archive = Newc::create(path)?;
     archive.file("init", 0o755, INIT.as_bytes())?;
@@ -68,23 +77,35 @@ pub fn build(
     archive.file(IP, 0o755, &read(Path::new(IP))?)?;
     let stripped_dir = path.with_file_name("stripped");
     fs::create_dir_all(&stripped_dir)?;
-    for suite in suites {
-        // Debug info makes a test binary ten times larger, and all of it
-        // would sit in the VM's memory.
-        let stripped = stripped_dir.join(&suite.name);
+    // Debug info makes a test binary ten times larger, and all of it would
+    // sit in the VM's memory.
+    let stripped = |name: &str, binary: &Path| -> anyhow::Result<Vec<u8>> {
+        let stripped = stripped_dir.join(name);
         cmd::run(
             Command::new("strip")
                 .arg("--strip-debug")
                 .arg("-o")
                 .arg(&stripped)
-                .arg(&suite.binary),
+                .arg(binary),
         )?;
-        archive.file(
-            &format!("vm/tests/{}", suite.name),
-            0o755,
-            &read(&stripped)?,
-        )?;
+        read(&stripped)
+    };
+    for suite in suites {
+        let binary = stripped(&suite.name, &suite.binary)?;
+        archive.file(&format!("vm/tests/{}", suite.name), 0o755, &binary)?;
+        let args: Vec<String> = suite.args.iter().map(|arg| shell_quote(arg)).collect();
+        let args = format!("set -- {}\n", args.join(" "));
+        archive.file(&format!("vm/args/{}", suite.name), 0o644, args.as_bytes())?;
         binaries.push(suite.binary.clone());
+    }
+    for program in programs {
+        let name = program
+            .binary
+            .file_name()
+            .context("a program without a name")?;
+        let binary = stripped(&name.to_string_lossy(), &program.binary)?;
+        archive.file(&program.at, 0o755, &binary)?;
+        binaries.push(program.binary.clone());
     }
 
     let libraries = shared_libraries(&binaries)?;
@@ -97,15 +118,13 @@ pub fn build(
         archive.file(&library.display().to_string(), 0o755, &read(library)?)?;
     }
     let library_path = library_dirs.into_iter().collect::<Vec<_>>().join(":");
+    // MESH_KERNEL_WIREGUARD: the kernel WireGuard tests fail where they
+    // would skip on a host without it.
     let env = format!(
-        "export PATH=/usr/sbin:/bin LD_LIBRARY_PATH={} MESH_DIFF_CASES={}\nset -- {}\n",
+        "export PATH=/usr/sbin:/usr/bin:/bin LD_LIBRARY_PATH={} MESH_DIFF_CASES={} \
+         MESH_KERNEL_WIREGUARD=required\n",
         shell_quote(&library_path),
         super::DIFFERENTIAL_CASES,
-        filter
-            .iter()
-            .map(|f| shell_quote(f))
-            .collect::<Vec<_>>()
-            .join(" ")
     );
     archive.file("vm/env", 0o644, env.as_bytes())?;
     archive.finish()

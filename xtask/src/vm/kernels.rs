@@ -129,20 +129,20 @@ fn locate(root: &Path) -> anyhow::Result<Unpacked> {
 }
 
 /// One package as apt would download it.
-struct Package {
-    name: String,
-    version: String,
+pub(super) struct Package {
+    pub(super) name: String,
+    pub(super) version: String,
     /// The .deb's name in the archive, which names it in the cache.
-    file_name: String,
+    pub(super) file_name: String,
 }
 
 /// apt, with the host's configuration or a project-local one for a suite.
-struct Apt {
+pub(super) struct Apt {
     options: Vec<String>,
 }
 
 impl Apt {
-    fn new(suite: Option<&str>, vm_dir: &Path) -> anyhow::Result<Self> {
+    pub(super) fn new(suite: Option<&str>, vm_dir: &Path) -> anyhow::Result<Self> {
         let Some(suite) = suite else {
             return Ok(Self { options: vec![] });
         };
@@ -191,7 +191,7 @@ impl Apt {
 
     /// Downloads `package` into `dir` (apt-get download writes to its
     /// working directory, which `cmd::run` would set to the workspace).
-    fn download(&self, package: &Package, dir: &Path) -> anyhow::Result<()> {
+    pub(super) fn download(&self, package: &Package, dir: &Path) -> anyhow::Result<()> {
         let spec = format!("{}={}", package.name, package.version);
         eprintln!("+ apt-get download {spec}");
         let status = self
@@ -216,14 +216,7 @@ impl Apt {
             if !seen.insert(name.clone()) {
                 continue;
             }
-            let fields = self.show(&name)?;
-            let field = |key: &str| {
-                fields
-                    .get(key)
-                    .cloned()
-                    .with_context(|| format!("apt shows no {key} for {name}"))
-            };
-            let depends = fields.get("Depends").map_or("", String::as_str);
+            let (package, depends) = self.package_and_depends(&name)?;
             queue.extend(
                 depends
                     .split(',')
@@ -232,14 +225,32 @@ impl Apt {
                     .filter(|dep| KERNEL_PACKAGE_PREFIXES.iter().any(|p| dep.starts_with(p)))
                     .map(str::to_owned),
             );
-            let filename = field("Filename")?;
-            packages.push(Package {
-                name: name.clone(),
-                version: field("Version")?,
-                file_name: filename.rsplit('/').next().unwrap_or(&filename).to_owned(),
-            });
+            packages.push(package);
         }
         Ok(packages)
+    }
+
+    /// The candidate version of `package`.
+    pub(super) fn package(&self, name: &str) -> anyhow::Result<Package> {
+        Ok(self.package_and_depends(name)?.0)
+    }
+
+    /// The candidate version of `name`, and its `Depends` field.
+    fn package_and_depends(&self, name: &str) -> anyhow::Result<(Package, String)> {
+        let fields = self.show(name)?;
+        let field = |key: &str| {
+            fields
+                .get(key)
+                .cloned()
+                .with_context(|| format!("apt shows no {key} for {name}"))
+        };
+        let filename = field("Filename")?;
+        let package = Package {
+            name: name.to_owned(),
+            version: field("Version")?,
+            file_name: filename.rsplit('/').next().unwrap_or(&filename).to_owned(),
+        };
+        Ok((package, fields.get("Depends").cloned().unwrap_or_default()))
     }
 
     /// The fields of the candidate version of `package`.

@@ -4,8 +4,10 @@
 mod initramfs;
 mod kernels;
 mod qemu;
+mod tools;
 
 use std::{
+    collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
     process::Command,
@@ -20,15 +22,50 @@ use initramfs::Suite;
 pub use kernels::{KERNELS, Kernel};
 use qemu::Report;
 
-/// The test binaries of mesh-tests that run in every VM: the ones that need a
-/// kernel (the others are the same on any kernel).
-const SUITES: &[&str] = &[
-    "verdicts",
-    "differential",
-    "xdp_slice",
-    "traffic",
-    "pinning",
-    "l3",
+/// A test binary that runs in every VM.
+struct SuiteSpec {
+    package: &'static str,
+    /// The test target, which names the suite.
+    test: &'static str,
+    /// Only the tests whose names contain one of these; all if empty.
+    only: &'static [&'static str],
+}
+
+impl SuiteSpec {
+    const fn all(package: &'static str, test: &'static str) -> Self {
+        Self {
+            package,
+            test,
+            only: &[],
+        }
+    }
+}
+
+/// The test binaries that run in every VM: those of mesh-tests that need a
+/// kernel (the others are the same on any kernel), and the tests of
+/// mesh-agent that drive the agent itself against what only a VM has here:
+/// kernel WireGuard, and a cgroup v2 of its own for process bindings.
+const SUITES: &[SuiteSpec] = &[
+    SuiteSpec::all("mesh-tests", "verdicts"),
+    SuiteSpec::all("mesh-tests", "differential"),
+    SuiteSpec::all("mesh-tests", "xdp_slice"),
+    SuiteSpec::all("mesh-tests", "traffic"),
+    SuiteSpec::all("mesh-tests", "pinning"),
+    SuiteSpec::all("mesh-tests", "l3"),
+    // The others need boringtun or etcd, and a node-mesh test loads the
+    // datapath twice: the kernel WireGuard test covers the node mesh here.
+    SuiteSpec {
+        package: "mesh-agent",
+        test: "node_mesh",
+        only: &["kernel_wireguard"],
+    },
+    // One agent and two bound processes prove the socket hooks; the other
+    // tests' sub-second deadlines are for the host.
+    SuiteSpec {
+        package: "mesh-agent",
+        test: "bindings",
+        only: &["bound_processes_reach_their_grants"],
+    },
 ];
 /// Differential cases per VM: enough to cross every rule on every kernel,
 /// few enough for TCG (the host runs the full count).
@@ -66,11 +103,31 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 /// `matrix(KERNELS, &[])`.
 pub fn matrix(kernels: &[Kernel], filter: &[String]) -> anyhow::Result<()> {
     let vm_dir = target_dir().join("vm");
-    let suites = build_suites()?;
+    let built = build_suites()?;
+    let suites = select(built.suites, filter)?;
+    // The tests run the agent by the absolute path cargo compiled in, which
+    // must not be under a folder the VM mounts over.
+    let hidden = ["/tmp", "/run", "/proc", "/sys", "/dev"];
+    if let Some(dir) = hidden.iter().find(|dir| built.agent.starts_with(dir)) {
+        bail!(
+            "the VMs mount over {dir}, which would hide {}: use a target folder elsewhere",
+            built.agent.display()
+        );
+    }
+    let programs = vec![
+        initramfs::Program {
+            at: built.agent.display().to_string(),
+            binary: built.agent.clone(),
+        },
+        initramfs::Program {
+            at: "/usr/bin/wg".to_owned(),
+            binary: tools::wg(&vm_dir)?,
+        },
+    ];
     let mut results: Vec<(Kernel, anyhow::Result<Report>, Duration)> = Vec::new();
     let mut vms = Vec::new();
     for kernel in kernels {
-        match prepare(kernel, &vm_dir, &suites, filter) {
+        match prepare(kernel, &vm_dir, &suites, &programs) {
             Ok(vm) => vms.push((*kernel, vm)),
             Err(err) => results.push((*kernel, Err(err), Duration::ZERO)),
         }
@@ -178,7 +235,7 @@ fn print_table(results: &[(Kernel, anyhow::Result<Report>, Duration)]) -> Vec<St
 }
 
 fn row([kernel, release, suite, passed, failed, time, result]: [&str; 7]) {
-    println!("{kernel:<7} {release:<27} {suite:<10} {passed:>6} {failed:>6} {time:>8}  {result}");
+    println!("{kernel:<7} {release:<27} {suite:<12} {passed:>6} {failed:>6} {time:>8}  {result}");
 }
 
 /// A kernel and the initramfs to boot it with.
@@ -193,13 +250,13 @@ fn prepare(
     kernel: &Kernel,
     vm_dir: &Path,
     suites: &[Suite],
-    filter: &[String],
+    programs: &[initramfs::Program],
 ) -> anyhow::Result<Vm> {
     let unpacked = kernels::fetch(kernel, vm_dir)?;
     let run_dir = vm_dir.join("run").join(kernel.name);
     fs::create_dir_all(&run_dir)?;
     let initrd = run_dir.join("initramfs.cpio");
-    initramfs::build(&initrd, &unpacked.modules, suites, filter)?;
+    initramfs::build(&initrd, &unpacked.modules, suites, programs)?;
     Ok(Vm {
         kernel: unpacked,
         initrd,
@@ -219,16 +276,26 @@ impl Vm {
     }
 }
 
+/// The test binaries cargo built, and the agent they run.
+struct Built {
+    suites: Vec<(&'static SuiteSpec, PathBuf)>,
+    agent: PathBuf,
+}
+
 /// Builds the suites' test binaries and returns where cargo put them.
-fn build_suites() -> anyhow::Result<Vec<Suite>> {
+fn build_suites() -> anyhow::Result<Built> {
     step("building the test binaries for the VMs");
     let mut cargo = Command::new("cargo");
     cargo
         .current_dir(workspace_root())
-        .args(["test", "--no-run", "--package", "mesh-tests"])
+        .args(["test", "--no-run"])
         .args(["--message-format", "json-render-diagnostics"]);
+    let packages: BTreeSet<&str> = SUITES.iter().map(|suite| suite.package).collect();
+    for package in packages {
+        cargo.args(["--package", package]);
+    }
     for suite in SUITES {
-        cargo.args(["--test", suite]);
+        cargo.args(["--test", suite.test]);
     }
     let out = cargo.output().context("running cargo test --no-run")?;
     if !out.status.success() {
@@ -237,24 +304,93 @@ fn build_suites() -> anyhow::Result<Vec<Suite>> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let suites: Vec<Suite> = String::from_utf8_lossy(&out.stdout)
+    let mut suites = Vec::new();
+    let mut agent = None;
+    let artifacts = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|message| message["reason"] == "compiler-artifact")
-        .filter_map(|message| {
-            Some(Suite {
-                name: message["target"]["name"].as_str()?.to_owned(),
-                binary: PathBuf::from(message["executable"].as_str()?),
-            })
-        })
-        .filter(|suite| SUITES.contains(&suite.name.as_str()))
-        .collect();
+        .collect::<Vec<_>>();
+    for message in &artifacts {
+        let (Some(name), Some(executable)) = (
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) else {
+            continue;
+        };
+        let kind = &message["target"]["kind"][0];
+        // The binary itself, not its unit tests.
+        if kind == "bin" && name == "mesh-agent" && message["profile"]["test"] == false {
+            agent = Some(PathBuf::from(executable));
+        } else if kind == "test"
+            && let Some(spec) = SUITES.iter().find(|suite| suite.test == name)
+        {
+            suites.push((spec, PathBuf::from(executable)));
+        }
+    }
     if suites.len() != SUITES.len() {
         bail!(
             "cargo built {} of the {} test binaries",
             suites.len(),
             SUITES.len()
         );
+    }
+    let agent = agent.context("cargo built no mesh-agent for the tests")?;
+    Ok(Built { suites, agent })
+}
+
+/// The suites with the arguments each runs with: the libtest `filter` as
+/// given, or, for a suite that runs only some of its tests, the names of
+/// those its filter words select too (listed on the host), exactly, and the
+/// filter's options. A suite left with no test is dropped.
+fn select(
+    built: Vec<(&'static SuiteSpec, PathBuf)>,
+    filter: &[String],
+) -> anyhow::Result<Vec<Suite>> {
+    // Options, with the value of those that take one, and filter words.
+    let mut options = Vec::new();
+    let mut words = Vec::new();
+    let mut args = filter.iter();
+    while let Some(arg) = args.next() {
+        if arg.starts_with('-') {
+            options.push(arg.clone());
+            if ["--skip", "--format", "--color", "--test-threads"].contains(&arg.as_str()) {
+                options.extend(args.next().cloned());
+            }
+        } else {
+            words.push(arg.as_str());
+        }
+    }
+    let mut suites = Vec::new();
+    for (spec, binary) in built {
+        let args = if spec.only.is_empty() {
+            filter.to_vec()
+        } else {
+            let listed = Command::new(&binary)
+                .args(["--list", "--format", "terse"])
+                .output()
+                .with_context(|| format!("listing the tests of {}", spec.test))?;
+            if !listed.status.success() {
+                bail!("{} --list failed: {}", binary.display(), listed.status);
+            }
+            let names: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+                .lines()
+                .filter_map(|line| line.strip_suffix(": test"))
+                .filter(|name| spec.only.iter().any(|only| name.contains(only)))
+                .filter(|name| words.is_empty() || words.iter().any(|word| name.contains(word)))
+                .map(str::to_owned)
+                .collect();
+            if names.is_empty() {
+                continue;
+            }
+            let exact = ["--exact".to_owned()].into_iter().chain(names);
+            options.iter().cloned().chain(exact).collect()
+        };
+        suites.push(Suite {
+            name: spec.test.to_owned(),
+            binary,
+            args,
+        });
     }
     Ok(suites)
 }
