@@ -325,6 +325,7 @@ to = ["billing-api"]
                 (1, block(proto::TCP, 443), service, 0),
             ],
             grants: vec![((tag, service, 0), vec![0])],
+            bound: Vec::new(),
             grant_limits: vec![GrantLimits::default()],
         }
     );

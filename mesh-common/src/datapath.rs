@@ -211,12 +211,28 @@ pub struct AddrKey {
 }
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 17);
 
+/// The identity of a source address or prefix, until `valid_until_ns` on
+/// the boot clock: [`NEVER`] for the policy's own, a token's expiry for a
+/// process binding's, so that the kernel ends it on time by itself.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IdentityValue {
     pub tag: u32,
+    pub _pad: [u8; 4],
+    pub valid_until_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<IdentityValue>() == 4);
+const _: () = assert!(core::mem::size_of::<IdentityValue>() == 16);
+
+impl IdentityValue {
+    /// An identity that holds as long as the policy does.
+    pub const fn lasting(tag: u32) -> Self {
+        Self {
+            tag,
+            _pad: [0; 4],
+            valid_until_ns: NEVER,
+        }
+    }
+}
 
 /// A destination prefix's class: the set of (protocol, port) → service
 /// mappings that hold for addresses in it, nested prefixes resolved.

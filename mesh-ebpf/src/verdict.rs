@@ -3,8 +3,9 @@
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 use mesh_common::{
     ADDR_BITS, AddrKey, BucketKey, CounterKey, CounterValue, FlowEvent, FlowKey, FlowValue,
-    FragmentKey, FragmentValue, GEN_BITS, GRANTS_PER_KEY, GrantInfo, GrantKey, PORT_KEY_FIXED_BITS,
-    PortKey, Reason, Verdict, config, events, flow, identity, proto, service, timeouts,
+    FragmentKey, FragmentValue, GEN_BITS, GRANTS_PER_KEY, GrantInfo, GrantKey, IdentityValue,
+    PORT_KEY_FIXED_BITS, PortKey, Reason, Verdict, config, events, flow, identity, proto, service,
+    timeouts,
 };
 
 use crate::{
@@ -243,7 +244,7 @@ fn new_flow(packet: &Packet, key: &FlowKey, state: u64, now: u64, outcome: &mut 
         },
     };
     let generation = config::generation(state);
-    let (identity, service, slot) = classify(generation, &tuple);
+    let (identity, service, slot) = classify(generation, &tuple, now);
     let mut decision = Decision::DENIED;
     let query = Query {
         now,
@@ -273,9 +274,10 @@ fn record_flow(packet: &Packet, key: &FlowKey, state: u64, query: &Query, decisi
     } else {
         0
     };
+    let source_until = identity_valid_until(query.generation, &packet.src);
     let value = FlowValue {
         state,
-        valid_until_ns: decision.valid_until_ns,
+        valid_until_ns: decision.valid_until_ns.min(source_until),
         last_seen_ns: query.now,
         identity: query.source,
         service: query.service,
@@ -346,7 +348,7 @@ fn revalidate(key: &FlowKey, value: &mut FlowValue, state: u64, now: u64) -> boo
         },
     };
     let generation = config::generation(state);
-    let (identity, service, slot) = classify(generation, &tuple);
+    let (identity, service, slot) = classify(generation, &tuple, now);
     let mut decision = Decision::DENIED;
     let query = Query {
         now,
@@ -361,7 +363,9 @@ fn revalidate(key: &FlowKey, value: &mut FlowValue, state: u64, now: u64) -> boo
         return false;
     }
     value.state = state;
-    value.valid_until_ns = decision.valid_until_ns;
+    value.valid_until_ns = decision
+        .valid_until_ns
+        .min(identity_valid_until(generation, src));
     value.identity = identity;
     value.service = service;
     true
@@ -450,8 +454,8 @@ fn flow_key(src: &[u8; 16], sport: u16, dst: &[u8; 16], dport: u16, proto: u8) -
 
 /// (source identity, service, slot) of one direction.
 #[inline(always)]
-fn classify(generation: u8, tuple: &Direction) -> (u32, u32, u32) {
-    let identity = source_identity(generation, tuple.src);
+fn classify(generation: u8, tuple: &Direction, now: u64) -> (u32, u32, u32) {
+    let identity = source_identity(generation, tuple.src, now);
     let (service, slot) = service_of(generation, tuple.dst, tuple.service_proto, tuple.dport);
     (identity, service, slot)
 }
@@ -492,19 +496,33 @@ fn service_slot(generation: u8, dst: &[u8; 16], service_proto: u8, dport: u16) -
         })
 }
 
+/// The identity of a source address at `now`: none once its entry has
+/// expired (a process binding's token ran out).
 #[inline(never)]
-fn source_identity(generation: u8, addr: &[u8; 16]) -> u32 {
+fn source_identity(generation: u8, addr: &[u8; 16], now: u64) -> u32 {
+    identity_entry(generation, addr)
+        .filter(|entry| now < entry.valid_until_ns)
+        .map_or(identity::UNKNOWN, |entry| entry.tag)
+}
+
+/// Until when the identity of a source address holds: a flow it opens
+/// must be judged again then.
+#[inline(never)]
+fn identity_valid_until(generation: u8, addr: &[u8; 16]) -> u64 {
+    identity_entry(generation, addr).map_or(u64::MAX, |entry| entry.valid_until_ns)
+}
+
+#[inline(always)]
+fn identity_entry(generation: u8, addr: &[u8; 16]) -> Option<&'static IdentityValue> {
     let key = AddrKey {
         generation,
         addr: *addr,
     };
-    // SAFETY: the value is copied out at once.
+    // SAFETY: a map value, read only; the agent replaces values whole.
     if let Some(host) = unsafe { IDENTITY_HOSTS.get(&key) } {
-        return host.tag;
+        return Some(host);
     }
-    IDENTITY_PREFIXES
-        .get(Key::new(GEN_BITS + ADDR_BITS, key))
-        .map_or(identity::UNKNOWN, |v| v.tag)
+    IDENTITY_PREFIXES.get(Key::new(GEN_BITS + ADDR_BITS, key))
 }
 
 /// What `decide` decides about; passed by reference because BPF functions
@@ -626,7 +644,7 @@ fn related<F: Frame>(frame: &F, packet: &Packet, state: u64, now: u64, outcome: 
     }
     *outcome = Outcome {
         reason: Reason::NoGrant,
-        identity: source_identity(config::generation(state), &packet.src),
+        identity: source_identity(config::generation(state), &packet.src, now),
         service: service::NONE,
     };
 }
@@ -670,7 +688,7 @@ fn later_fragment(packet: &Packet, state: u64, now: u64, outcome: &mut Outcome) 
         }
         _ => Outcome {
             reason: Reason::OrphanFragment,
-            identity: source_identity(config::generation(state), &packet.src),
+            identity: source_identity(config::generation(state), &packet.src, now),
             service: service::NONE,
         },
     };

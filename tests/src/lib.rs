@@ -309,6 +309,7 @@ pub fn one_udp_grant(client: Ipv4Addr, service: SocketAddr, granted: bool) -> Po
         } else {
             vec![]
         },
+        bound: Vec::new(),
         grant_limits: vec![GrantLimits::default()],
     }
 }

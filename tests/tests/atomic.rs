@@ -36,6 +36,7 @@ fn policy(tag: u32, service: u32) -> PolicyEntries {
             .map(|block| (service, block, service, 0))
             .collect(),
         grants: vec![((tag, service, 0), vec![0])],
+        bound: Vec::new(),
         grant_limits: vec![GrantLimits::default()],
     }
 }

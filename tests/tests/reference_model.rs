@@ -157,6 +157,7 @@ fn entries(grants: &[Grant]) -> PolicyEntries {
             })
             .collect(),
         grants: keyed.into_iter().collect(),
+        bound: Vec::new(),
         grant_limits: grants.iter().map(|grant| grant.limits).collect(),
     }
 }

@@ -53,6 +53,7 @@ fn policy() -> PolicyEntries {
         destinations: vec![(Prefix::host(SERVER.into()), 1)],
         service_ports,
         grants: vec![((7, 1, 0), vec![0])],
+        bound: Vec::new(),
         grant_limits: vec![GrantLimits::default()],
     }
 }

@@ -9,8 +9,8 @@ use std::{
 };
 
 use mesh_agent::datapath::{
-    Clock, Datapath, DatapathError, Entry, GrantLimits, MapSizes, PolicyEntries, PortBlock, Prefix,
-    Rate,
+    BoundHost, Clock, Datapath, DatapathError, Entry, GrantLimits, MapSizes, PolicyEntries,
+    PortBlock, Prefix, Rate,
 };
 use mesh_common::{Reason, identity, proto, service};
 use mesh_tests::{
@@ -84,6 +84,7 @@ fn entries(clock: &Clock, api_granted: bool) -> PolicyEntries {
             .chain(ports(PUBLIC, proto::TCP, 82))
             .collect(),
         grants,
+        bound: Vec::new(),
         grant_limits: vec![
             GrantLimits::default(),
             GrantLimits {
@@ -347,6 +348,53 @@ fn expiry_ends_live_flows_in_both_directions() {
             Some((AGENT, OLD_API)),
         );
     });
+}
+
+/// A process binding's address is its identity's until the token expires;
+/// then the kernel itself ends the address's live flows, both ways, and
+/// classifies it as nobody — whether the binding was added to the live
+/// policy or came with the next one.
+#[test]
+fn a_bound_address_loses_its_identity_when_its_token_expires() {
+    for with_the_policy in [false, true] {
+        on_both_entries(|h| {
+            let bound = BoundHost {
+                addr: ip("10.0.0.77"),
+                tag: AGENT,
+                expires_at: h.clock.wall + Duration::from_secs(5),
+            };
+            if with_the_policy {
+                let mut next = entries(&h.clock, true);
+                next.bound.push(bound);
+                h.datapath.install(&next, &h.clock).unwrap();
+            } else {
+                h.datapath.add_identity_host(&bound, &h.clock).unwrap();
+            }
+            let open = syn("10.0.0.77", 7000, "10.0.0.100", 443);
+            h.expect(&open, 0, Reason::Grant, Some((AGENT, API)));
+            h.expect(&open.reply(), 4 * SECOND, Reason::Flow, Some((AGENT, API)));
+            h.expect(&open.reply(), 5 * SECOND, Reason::UnknownDestination, None);
+            h.expect(
+                &Packet::tcp(ip("10.0.0.77"), 7000, ip("10.0.0.100"), 443, TCP_ACK),
+                5 * SECOND,
+                Reason::UnknownSource,
+                Some((identity::UNKNOWN, API)),
+            );
+            h.expect(
+                &syn("10.0.0.77", 7001, "10.0.0.100", 443),
+                5 * SECOND,
+                Reason::UnknownSource,
+                Some((identity::UNKNOWN, API)),
+            );
+            // The policy's own addresses never expire.
+            h.expect(
+                &syn("10.0.0.1", 7002, "10.0.0.100", 443),
+                5 * SECOND,
+                Reason::Grant,
+                Some((AGENT, API)),
+            );
+        });
+    }
 }
 
 #[test]

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     control::{Bound, ControlError, Peer, Pending, Request, Response},
-    datapath::{Clock, Datapath, DatapathError, Pins, Prefix},
+    datapath::{BoundHost, Clock, Datapath, DatapathError, Pins, Prefix},
     identity::{
         DEFAULT_AUDIENCE, TrustBundle, VerifiedToken, Verifier,
         audit::{AUDIT_FILE, AuditEvent, AuditKind, AuditLog},
@@ -93,6 +93,15 @@ impl Binding {
 
     fn expires_at(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(self.expires)
+    }
+
+    /// Its source addresses as identity `tag` classifies them.
+    fn hosts(&self, tag: u32) -> impl Iterator<Item = BoundHost> + '_ {
+        self.addresses.iter().map(move |&addr| BoundHost {
+            addr,
+            tag,
+            expires_at: self.expires_at(),
+        })
     }
 
     /// What the socket programs read for this binding.
@@ -351,7 +360,7 @@ impl Bindings {
     /// The source addresses of the bindings in force whose identity the
     /// policy about to be installed declares, with its tags: every policy
     /// generation carries them.
-    pub fn host_entries(&self, identities: &BTreeMap<u32, SpiffeId>) -> Vec<(Prefix, u32)> {
+    pub fn host_entries(&self, identities: &BTreeMap<u32, SpiffeId>) -> Vec<BoundHost> {
         let tags: HashMap<&str, u32> = identities
             .iter()
             .map(|(tag, id)| (id.as_str(), *tag))
@@ -360,7 +369,7 @@ impl Bindings {
             .values()
             .filter(|b| b.ended.is_none())
             .filter_map(|b| tags.get(b.identity.as_str()).map(|tag| (b, *tag)))
-            .flat_map(|(b, tag)| b.addresses.iter().map(move |a| (Prefix::host(*a), tag)))
+            .flat_map(|(b, tag)| b.hosts(tag))
             .collect()
     }
 
@@ -656,10 +665,11 @@ impl Bindings {
             for address in &binding.addresses {
                 enabled.loopback.add(*address).await?;
             }
-            datapath.set_cgroup_binding(cgroup.id(), &binding.kernel(tag, &Clock::now()?))?;
+            let clock = Clock::now()?;
+            datapath.set_cgroup_binding(cgroup.id(), &binding.kernel(tag, &clock))?;
             datapath.sync_source_owners(&self.source_owners())?;
-            for address in &binding.addresses {
-                datapath.add_identity_host(*address, tag)?;
+            for host in binding.hosts(tag) {
+                datapath.add_identity_host(&host, &clock)?;
             }
             cgroup.add_process(pid)?;
             Ok(())
@@ -709,12 +719,13 @@ impl Bindings {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             binding.token_id = verified.jti.clone();
-            datapath.set_cgroup_binding(binding.cgroup_id, &binding.kernel(tag, &Clock::now()?))?;
-            if binding.ended.take().is_some() {
-                for address in &binding.addresses {
-                    datapath.add_identity_host(*address, tag)?;
-                }
+            let clock = Clock::now()?;
+            datapath.set_cgroup_binding(binding.cgroup_id, &binding.kernel(tag, &clock))?;
+            // The addresses' identity runs to the new expiry, or is back.
+            for host in binding.hosts(tag) {
+                datapath.add_identity_host(&host, &clock)?;
             }
+            binding.ended = None;
             Ok(())
         })();
         if let Err(err) = refreshed {

@@ -8,6 +8,7 @@
 mod bindings;
 mod flows;
 mod lock;
+mod peer_bindings;
 mod preflight;
 mod report;
 mod status;
@@ -24,7 +25,9 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use self::{
-    bindings::{Binding, BindingError, BindingOptions, read_bindings, teardown_bindings},
+    bindings::{
+        BINDINGS_FILE, Binding, BindingError, BindingOptions, read_bindings, teardown_bindings,
+    },
     flows::{FlowFilter, FlowRecord, show_flows},
     lock::{AgentLock, LockError},
     preflight::PreflightError,
@@ -160,6 +163,10 @@ pub async fn run(mut options: Options) -> Result<(), AgentError> {
             ..AgentStatus::default()
         },
         bindings: bindings::Bindings::new(&options.bindings, &options.state_dir, &metrics).await?,
+        peer_bindings: peer_bindings::PeerBindings::new(
+            mesh.as_ref().map(crate::node::Mesh::peer_bindings),
+            &metrics,
+        )?,
         options,
         datapath,
         pins,
@@ -201,6 +208,7 @@ pub async fn run(mut options: Options) -> Result<(), AgentError> {
     tracing::info!("running");
     loop {
         let expiry = agent.bindings.next_expiry();
+        let peer_expiry = agent.peer_bindings.next_expiry();
         tokio::select! {
             _ = hangup.recv() => agent.reload("SIGHUP"),
             changed = changes.next() => {
@@ -216,6 +224,8 @@ pub async fn run(mut options: Options) -> Result<(), AgentError> {
                 agent.bindings.handle(pending, &mut agent.datapath).await;
             }
             _ = bindings::until(expiry) => agent.bindings.expire(&mut agent.datapath),
+            () = agent.peer_bindings.changed() => agent.peer_bindings.sync(&mut agent.datapath),
+            _ = bindings::until(peer_expiry) => agent.peer_bindings.sync(&mut agent.datapath),
             changed = agent.bindings.cgroup_changed() => {
                 changed.map_err(events)?;
                 agent.bindings.release_exited(&mut agent.datapath).await;
@@ -232,6 +242,7 @@ pub async fn run(mut options: Options) -> Result<(), AgentError> {
 
 struct Agent {
     bindings: bindings::Bindings,
+    peer_bindings: peer_bindings::PeerBindings,
     options: Options,
     datapath: Datapath,
     pins: Pins,
@@ -289,15 +300,22 @@ impl Agent {
                 path: path.clone(),
                 source,
             })?;
-        // Bound processes' addresses are part of every generation.
-        let bound = self.bindings.host_entries(&compiled.identities);
-        compiled.entries.identities.extend(bound);
+        // Bound processes' addresses, here and on the mesh's other nodes,
+        // are part of every generation.
+        compiled.entries.bound = self.bindings.host_entries(&compiled.identities);
+        let peers_bound = self.peer_bindings.classify(&compiled.identities);
+        compiled
+            .entries
+            .bound
+            .extend(peer_bindings::PeerBindings::host_entries(&peers_bound));
         self.datapath.install(&compiled.entries, &Clock::now()?)?;
         self.bindings.adopt_policy(
             &policy.trust_domain,
             &compiled.identities,
             &mut self.datapath,
         )?;
+        self.peer_bindings
+            .adopt_policy(&compiled.identities, peers_bound, &mut self.datapath)?;
         *self.metrics.names.lock().unwrap_or_else(|e| e.into_inner()) = Names {
             identities: compiled
                 .identities

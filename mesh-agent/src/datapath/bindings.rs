@@ -24,7 +24,7 @@ use aya::{
 use mesh_common::{AddrKey, CgroupBinding, IdentityValue, config, maps, programs};
 
 use super::{
-    Datapath, DatapathError, Pins, Prefix,
+    BoundHost, Clock, Datapath, DatapathError, Pins, Prefix,
     install::{insert, insert_lpm},
     map_error, program, program_error, sys,
     traffic::ignore_missing,
@@ -153,12 +153,24 @@ impl Datapath {
             .map_err(map_error(maps::CGROUPS))
     }
 
-    /// Packets from `addr` are from identity `tag`, under the live policy.
-    /// A policy installed later must carry the entry itself.
-    pub fn add_identity_host(&mut self, addr: IpAddr, tag: u32) -> Result<(), DatapathError> {
-        let key = self.live_host_key(addr)?;
+    /// Packets from `bound.addr` are from identity `bound.tag` until it
+    /// expires, under the live policy. A policy installed later must carry
+    /// the entry itself.
+    pub fn add_identity_host(
+        &mut self,
+        bound: &BoundHost,
+        clock: &Clock,
+    ) -> Result<(), DatapathError> {
+        let key = self.live_host_key(bound.addr)?;
         let mut hosts: HashMap<_, AddrKey, IdentityValue> = self.map(maps::IDENTITY_HOSTS)?;
-        insert(maps::IDENTITY_HOSTS, &mut hosts, key, IdentityValue { tag })
+        // Live flows from it hold until their old expiry, then are judged
+        // again under the new one.
+        insert(
+            maps::IDENTITY_HOSTS,
+            &mut hosts,
+            key,
+            bound.to_kernel(clock),
+        )
     }
 
     /// Packets from `addr` have no identity any more; live flows from it

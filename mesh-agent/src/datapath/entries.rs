@@ -6,7 +6,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use mesh_common::{GrantInfo, IPV4_MAPPED_PREFIX, NEVER};
+use mesh_common::{GrantInfo, IPV4_MAPPED_PREFIX, IdentityValue, NEVER};
 
 /// An address prefix in the maps' 16-byte form (IPv4 mapped into IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -145,6 +145,30 @@ pub struct PolicyEntries {
     /// `grant_limits`, at most [`mesh_common::GRANTS_PER_KEY`], in policy order.
     pub grants: Vec<((u32, u32, u32), Vec<u32>)>,
     pub grant_limits: Vec<GrantLimits>,
+    /// The source addresses of process bindings, on this node and others:
+    /// not the policy's, so the reference model, which replays the policy
+    /// alone, has none.
+    pub bound: Vec<BoundHost>,
+}
+
+/// A process binding's source address: its identity's until the token
+/// expires, when the kernel stops classifying it by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BoundHost {
+    pub addr: IpAddr,
+    pub tag: u32,
+    pub expires_at: SystemTime,
+}
+
+impl BoundHost {
+    /// The kernel's form, with the expiry moved onto the boot clock.
+    pub fn to_kernel(&self, clock: &Clock) -> IdentityValue {
+        IdentityValue {
+            tag: self.tag,
+            _pad: [0; 4],
+            valid_until_ns: clock.boot_ns_at(self.expires_at),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -69,7 +69,15 @@ impl Datapath {
                     maps::IDENTITY_HOSTS,
                     &mut hosts,
                     addr_key(prefix),
-                    IdentityValue { tag: *tag },
+                    IdentityValue::lasting(*tag),
+                )?;
+            }
+            for bound in &entries.bound {
+                insert(
+                    maps::IDENTITY_HOSTS,
+                    &mut hosts,
+                    addr_key(&super::Prefix::host(bound.addr)),
+                    bound.to_kernel(clock),
                 )?;
             }
         }
@@ -82,7 +90,7 @@ impl Datapath {
                     maps::IDENTITY_PREFIXES,
                     &mut prefixes,
                     &key,
-                    IdentityValue { tag: *tag },
+                    IdentityValue::lasting(*tag),
                 )?;
             }
         }

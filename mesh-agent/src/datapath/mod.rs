@@ -22,7 +22,7 @@ use aya::{
     },
     util::KernelVersion,
 };
-pub use entries::{Clock, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate};
+pub use entries::{BoundHost, Clock, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate};
 pub use events::parse_event;
 pub use inspect::{Inspection, MapFill, inspect};
 use mesh_common::{config, maps, programs};

@@ -1,8 +1,9 @@
 //! The node in the mesh at run time: it joins with its token, publishes its
-//! record and its revocations, and keeps its WireGuard peers equal to the
-//! valid records of the store and its revocations to its peers' — on every
-//! change of the store, and every few seconds, so that a token that expires
-//! takes its node out without a change.
+//! record, its revocations and its bindings, and keeps its WireGuard peers
+//! equal to the valid records of the store, its revocations to its peers'
+//! and the peers' bindings it hands the agent to theirs — on every change
+//! of the store, and every few seconds, so that a token that expires takes
+//! its node out without a change.
 //!
 //! Encrypt or drop: the mesh's whole range is routed into the mesh
 //! interface from the start, where WireGuard sends a packet to the peer
@@ -20,14 +21,18 @@ use std::{
 
 use ipnet::IpNet;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use tokio::sync::watch;
 
 use super::{
-    Checker, Join, JoinVerifier, Local, NodeKey, NodeKeyError, NodeRecord, ShieldError,
-    ShieldOptions, Signed, SignedRecord, SigningKey, SigningPublicKey, Store, StoreError,
-    StoreSpec, StoreWatch,
+    Checker, Entry, Join, JoinVerifier, Local, NodeKey, NodeKeyError, NodeName, NodeRecord,
+    ShieldError, ShieldOptions, Signed, SignedRecord, SigningKey, SigningPublicKey, Store,
+    StoreError, StoreSpec, StoreWatch,
+    bindings::{self, BindingSet, Bound, PeerBindings},
     keys::KEY_FILE,
+    published::FromPeers,
     revocations::{self, Remote, RevocationList},
     shield::Shield,
+    signed::Document,
     store::{Section, watch_dirs},
     teardown,
     wireguard::{self, Device, Mode, PeerConfig, WireGuardError},
@@ -162,6 +167,11 @@ pub struct Mesh {
     revocations_published: Option<(Revoked, Vec<u8>)>,
     /// The peers' revocation lists.
     remote: Remote,
+    /// This node's bindings as last published, and the set.
+    bindings_published: Option<(Vec<Bound>, Vec<u8>)>,
+    /// The peers' binding sets, and what the agent is told of them.
+    peer_sets: FromPeers<BindingSet>,
+    peer_bindings: watch::Sender<PeerBindings>,
     device: Device,
     /// On the underlay, if asked for.
     shield: Option<Shield>,
@@ -240,6 +250,9 @@ impl Mesh {
             published: None,
             revocations_published: None,
             remote: Remote::default(),
+            bindings_published: None,
+            peer_sets: FromPeers::default(),
+            peer_bindings: watch::Sender::new(PeerBindings::new()),
             device,
             shield,
             store,
@@ -252,14 +265,21 @@ impl Mesh {
         self.device.name()
     }
 
+    /// The peers' bindings in force, whenever they change: for the agent
+    /// to classify their addresses by.
+    pub fn peer_bindings(&self) -> watch::Receiver<PeerBindings> {
+        self.peer_bindings.subscribe()
+    }
+
     /// Publishes this node's record and keeps the peers in step with the
     /// store until the agent stops.
     pub async fn run(mut self) {
         self.publish().await;
         self.publish_revocations(true).await;
+        self.publish_bindings(true).await;
         let mut store_watch = self.watch_store().await;
-        // `mesh-agent node rotate-key` replaces the key file, and `revoke`
-        // the revocations'.
+        // `mesh-agent node rotate-key` replaces the key file, `revoke` the
+        // revocations' and the agent the bindings'.
         let mut state_watch = watch_dirs(std::slice::from_ref(&self.options.state_dir))
             .inspect_err(|err| tracing::warn!(error = %err, "cannot watch the state folder"))
             .ok();
@@ -300,6 +320,7 @@ impl Mesh {
                     }
                     self.reload_key().await;
                     self.publish_revocations(false).await;
+                    self.publish_bindings(false).await;
                 }
                 _ = rotate.tick(), if rotation.is_some() => self.rotate().await,
             }
@@ -368,6 +389,24 @@ impl Mesh {
         }
     }
 
+    /// Signs `document` and writes it as this node's entry in `section`;
+    /// its bytes, or `None` if the store failed.
+    async fn publish_document<T: Document>(
+        &mut self,
+        section: Section,
+        document: T,
+    ) -> Option<Vec<u8>> {
+        let bytes = Signed::sign(document, &self.signing).encode();
+        match self.store.publish(section, &self.join.node, &bytes).await {
+            Ok(()) => Some(bytes),
+            Err(err) => {
+                self.counters.store_errors.inc();
+                tracing::error!(error = %err, section = section.name(), "cannot publish; trying again");
+                None
+            }
+        }
+    }
+
     /// Publishes this node's own revocations, signed: if they changed
     /// since they were last published, or always with `again`.
     async fn publish_revocations(&mut self, again: bool) {
@@ -391,22 +430,67 @@ impl Mesh {
             sequence: self.next_sequence(),
             revoked: revoked.clone(),
         };
-        let bytes = Signed::sign(list, &self.signing).encode();
-        match self
-            .store
-            .publish(Section::Revocations, &self.join.node, &bytes)
-            .await
-        {
-            Ok(()) => {
-                tracing::info!(revoked = revoked.len(), "revocations published");
-                self.revocations_published = Some((revoked, bytes));
-            }
-            Err(err) => {
-                self.counters.store_errors.inc();
-                tracing::error!(error = %err, "cannot publish this node's revocations; trying again");
-                self.revocations_published = None;
-            }
+        let published = self.publish_document(Section::Revocations, list).await;
+        if published.is_some() {
+            tracing::info!(revoked = revoked.len(), "revocations published");
         }
+        self.revocations_published = published.map(|bytes| (revoked, bytes));
+    }
+
+    /// Publishes this node's bindings in force, signed: if they changed
+    /// since they were last published, or always with `again`. Those that
+    /// do not fit in a set are left out: a binding not published is one
+    /// the peers do not know, never one they keep.
+    async fn publish_bindings(&mut self, again: bool) {
+        let (bound, outside) =
+            match bindings::local(&self.options.state_dir, self.join.prefix, SystemTime::now()) {
+                Ok(local) => local,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot read this node's bindings");
+                    return;
+                }
+            };
+        if !again
+            && self
+                .bindings_published
+                .as_ref()
+                .is_some_and(|(published, _)| *published == bound)
+        {
+            return;
+        }
+        if outside > 0 {
+            tracing::warn!(
+                addresses = outside,
+                prefix = %self.join.prefix,
+                "bound addresses outside this node's prefix are not published: the agent pool belongs in it"
+            );
+        }
+        let mut set = BindingSet {
+            node: self.join.node.clone(),
+            sequence: self.next_sequence(),
+            bindings: bound.clone(),
+        };
+        loop {
+            let len = Signed::sign(set.clone(), &self.signing).encode().len();
+            if len <= BindingSet::MAX_LEN {
+                break;
+            }
+            let keep = set.bindings.len() * BindingSet::MAX_LEN / len * 9 / 10;
+            set.bindings.truncate(keep);
+        }
+        let count = set.bindings.len();
+        if count < bound.len() {
+            tracing::error!(
+                bindings = bound.len(),
+                published = count,
+                "too many bindings for one set; the rest are not published"
+            );
+        }
+        let published = self.publish_document(Section::Bindings, set).await;
+        if published.is_some() {
+            tracing::info!(bindings = count, "bindings published");
+        }
+        self.bindings_published = published.map(|bytes| (bound, bytes));
     }
 
     /// Applies the peers' revocations here, through the agent's control
@@ -450,47 +534,57 @@ impl Mesh {
     }
 
     /// Reads the store, checks every record and brings the peers to the
-    /// valid ones, and the revocations to theirs. A store that cannot be
-    /// read changes nothing.
+    /// valid ones, the revocations to theirs, and what the agent knows of
+    /// their bindings to their sets. A store that cannot be read changes
+    /// nothing.
     async fn sync(&mut self) {
-        let (entries, lists) = match (
+        let (entries, lists, sets) = match (
             self.store.read(Section::Nodes).await,
             self.store.read(Section::Revocations).await,
+            self.store.read(Section::Bindings).await,
         ) {
-            (Ok(entries), Ok(lists)) => (entries, lists),
-            (Err(err), _) | (_, Err(err)) => {
+            (Ok(entries), Ok(lists), Ok(sets)) => (entries, lists, sets),
+            (Err(err), _, _) | (_, Err(err), _) | (_, _, Err(err)) => {
                 self.counters.store_errors.inc();
                 tracing::warn!(error = %err, "cannot read the store; the last good state stays");
                 return;
             }
         };
-        let own_list = lists
-            .iter()
-            .find(|e| e.name == self.join.node.as_str())
-            .map(|e| &e.bytes);
-        if own_list.is_none()
-            || own_list != self.revocations_published.as_ref().map(|(_, bytes)| bytes)
-        {
+        // Someone else's write under this node's name is undone, and an
+        // entry that aged out is published again.
+        let own = self.join.node.clone();
+        let revocations = self.revocations_published.as_ref();
+        if stale(&lists, &own, revocations.map(|(_, bytes)| bytes)) {
             self.publish_revocations(true).await;
         }
-        // Someone else's write under this node's name is undone, and a
-        // record that aged out is published again.
-        let own = entries
-            .iter()
-            .find(|e| e.name == self.join.node.as_str())
-            .map(|e| &e.bytes);
-        if own.is_none() || own != self.published.as_ref() {
+        let bindings = self.bindings_published.as_ref();
+        if stale(&sets, &own, bindings.map(|(_, bytes)| bytes)) {
+            self.publish_bindings(true).await;
+        }
+        if stale(&entries, &own, self.published.as_ref()) {
             self.publish().await;
         }
         let local = self.local();
         let mut membership = self.checker.check(&entries, &local, SystemTime::now());
-        let lists: Vec<_> = lists
-            .into_iter()
-            .filter(|e| e.name != self.join.node.as_str())
-            .collect();
+        let others = |entries: Vec<Entry>| -> Vec<Entry> {
+            entries
+                .into_iter()
+                .filter(|e| e.name != own.as_str())
+                .collect()
+        };
         membership
             .rejected
-            .extend(self.remote.update(&lists, &membership.peers));
+            .extend(self.remote.update(&others(lists), &membership.peers));
+        membership
+            .rejected
+            .extend(self.peer_sets.update(&others(sets), &membership.peers));
+        let peer_sets = &self.peer_sets;
+        self.peer_bindings.send_if_modified(|current| {
+            let now = bindings::peer_bindings(peer_sets);
+            let changed = *current != now;
+            *current = now;
+            changed
+        });
         let rejected: BTreeSet<_> = membership
             .rejected
             .iter()
@@ -680,6 +774,15 @@ pub fn check(options: &MeshOptions) -> Result<Vec<String>, MeshError> {
 /// prefix.
 fn node_address(prefix: IpNet) -> IpAddr {
     prefix.hosts().next().unwrap_or(prefix.addr())
+}
+
+/// Whether `entries` lack this node's own, or hold another than the one
+/// last published.
+fn stale(entries: &[Entry], own: &NodeName, published: Option<&Vec<u8>>) -> bool {
+    entries
+        .iter()
+        .find(|e| e.name == own.as_str())
+        .is_none_or(|entry| Some(&entry.bytes) != published)
 }
 
 /// Waits for the next change a watch reports; without one, forever.

@@ -5,13 +5,16 @@
 //! WireGuard peer. Records are checked by every node that reads them; a bad
 //! one is logged, counted and never configured, and a store that cannot be
 //! read leaves the last good state in place. Revocations made on one node
-//! are published the same way and applied on every other; an XDP shield
-//! can guard the underlay.
+//! are published the same way and applied on every other, and so are its
+//! process bindings, by which every other node classifies its addresses;
+//! an XDP shield can guard the underlay.
 
+mod bindings;
 mod keys;
 mod membership;
 mod mesh;
 mod name;
+mod published;
 mod record;
 mod revocations;
 mod shield;
@@ -22,6 +25,7 @@ mod teardown;
 pub mod token;
 mod wireguard;
 
+pub use bindings::{BindingSet, Bound, PeerBinding, PeerBindings};
 pub use keys::{InvalidPublicKey, KEY_FILE, NodeKey, NodeKeyError, PublicKey};
 pub use membership::{Checker, Entry, Local, Membership, Peer, Rejected};
 pub use mesh::{Mesh, MeshError, MeshOptions, check};

@@ -10,15 +10,15 @@
 //! fails changes nothing (the peer's last good one stays). A peer that
 //! leaves takes its revocations with it.
 
-use std::{
-    collections::{BTreeMap, btree_map},
-    io,
-    path::Path,
-};
+use std::{collections::BTreeMap, io, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Entry, NodeName, Peer, Rejected, Signed, signed::Document};
+use super::{
+    Entry, NodeName, Peer, Rejected, Section,
+    published::{FromPeers, Published, Reason},
+    signed::Document,
+};
 use crate::identity::revocations::{self, Revocation, Revoked};
 
 /// How a revocation the mesh applied names its reason: this, then the
@@ -55,10 +55,28 @@ fn applied_by_mesh(revocation: &Revocation) -> bool {
         .is_some_and(|reason| reason.starts_with(MESH_REASON))
 }
 
+impl Published for RevocationList {
+    const SECTION: Section = Section::Revocations;
+    const REMOVAL_ENDS: bool = false;
+
+    fn node(&self) -> &NodeName {
+        &self.node
+    }
+
+    fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// Any peer may revoke any identity: a revocation only takes away.
+    fn check(&self, _peer: &Peer) -> Result<(), Reason> {
+        Ok(())
+    }
+}
+
 /// The peers' newest good lists.
 #[derive(Debug, Default)]
 pub struct Remote {
-    newest: BTreeMap<NodeName, RevocationList>,
+    lists: FromPeers<RevocationList>,
 }
 
 /// What brings this node's revocations to the peers': revoke these (SPIFFE
@@ -71,72 +89,15 @@ pub struct Plan {
 
 impl Remote {
     /// Takes the good lists among `entries` from `peers`; returns the rest
-    /// with their reasons. Lists of nodes that are no peers are skipped:
-    /// they are not in the mesh.
+    /// with their reasons.
     pub fn update(&mut self, entries: &[Entry], peers: &BTreeMap<NodeName, Peer>) -> Vec<Rejected> {
-        self.newest.retain(|name, _| peers.contains_key(name));
-        let mut rejected = Vec::new();
-        for entry in entries {
-            let Some(peer) = entry
-                .name
-                .parse::<NodeName>()
-                .ok()
-                .and_then(|name| peers.get(&name))
-            else {
-                continue;
-            };
-            if let Err((reason, detail)) = self.take(entry, peer) {
-                rejected.push(Rejected {
-                    entry: format!("revocations/{}", entry.name),
-                    reason,
-                    detail,
-                });
-            }
-        }
-        rejected
-    }
-
-    fn take(&mut self, entry: &Entry, peer: &Peer) -> Result<(), (&'static str, String)> {
-        let signed = Signed::<RevocationList>::decode(&entry.bytes)
-            .map_err(|err| ("malformed", err.to_string()))?;
-        let list = signed.verify(&peer.node_key).map_err(|_| {
-            (
-                "bad_record_signature",
-                format!("not signed by node {}'s key", peer.name),
-            )
-        })?;
-        if list.node != peer.name {
-            return Err(("name_mismatch", format!("the list is node {}'s", list.node)));
-        }
-        match self.newest.entry(peer.name.clone()) {
-            btree_map::Entry::Occupied(newest)
-                if newest.get().sequence > list.sequence
-                    || (newest.get().sequence == list.sequence && newest.get() != list) =>
-            {
-                Err((
-                    "replayed",
-                    format!(
-                        "sequence {} is not past {} of the newest list seen",
-                        list.sequence,
-                        newest.get().sequence
-                    ),
-                ))
-            }
-            btree_map::Entry::Occupied(mut newest) => {
-                newest.insert(list.clone());
-                Ok(())
-            }
-            btree_map::Entry::Vacant(slot) => {
-                slot.insert(list.clone());
-                Ok(())
-            }
-        }
+        self.lists.update(entries, peers)
     }
 
     /// What to revoke and lift here, given this node's revocations now.
     pub fn plan(&self, here: &Revoked) -> Plan {
         let mut wanted: BTreeMap<&str, &NodeName> = BTreeMap::new();
-        for (node, list) in &self.newest {
+        for (node, list) in self.lists.in_force() {
             for id in list.revoked.keys() {
                 wanted.entry(id).or_insert(node);
             }
@@ -163,7 +124,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::node::{NodeKey, SigningKey};
+    use crate::node::{NodeKey, Signed, SigningKey};
 
     fn peer(name: &str, key: &SigningKey) -> Peer {
         Peer {

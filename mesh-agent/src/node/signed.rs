@@ -1,5 +1,5 @@
 //! Documents a node signs with its signing key: its record, its
-//! revocations. A signed document is its body and an Ed25519 signature over
+//! revocations, its bindings. A signed document is its body and an Ed25519 signature over
 //! the kind's context string and the body as compact JSON, base64url. The
 //! body is serialized again to check it, so how the store spells it does
 //! not matter, only what it says; and the context keeps a signature of one
@@ -14,10 +14,15 @@ use super::signing::{BadSignature, SigningKey, SigningPublicKey};
 /// what a bad store entry costs to read.
 pub const MAX_DOCUMENT_LEN: usize = 16 * 1024;
 
+/// A node's bindings: some 400 of them.
+pub const MAX_BINDINGS_LEN: usize = 64 * 1024;
+
 /// A kind of signed document.
 pub trait Document: Serialize + DeserializeOwned {
     /// What a signature of this kind covers first.
     const CONTEXT: &'static [u8];
+    /// The longest document of this kind that is read.
+    const MAX_LEN: usize = MAX_DOCUMENT_LEN;
 }
 
 /// A document as the store holds it. Untrusted until its signature has
@@ -34,8 +39,8 @@ struct Signature([u8; 64]);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("{0} bytes long; a signed document is at most {MAX_DOCUMENT_LEN}")]
-    TooLong(usize),
+    #[error("{len} bytes long; a signed document of its kind is at most {max}")]
+    TooLong { len: usize, max: usize },
     #[error("not a signed document of its kind: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -48,8 +53,11 @@ impl<T: Document> Signed<T> {
 
     /// Parses a document strictly: unknown or repeated members are errors.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() > MAX_DOCUMENT_LEN {
-            return Err(DecodeError::TooLong(bytes.len()));
+        if bytes.len() > T::MAX_LEN {
+            return Err(DecodeError::TooLong {
+                len: bytes.len(),
+                max: T::MAX_LEN,
+            });
         }
         Ok(serde_json::from_slice(bytes)?)
     }

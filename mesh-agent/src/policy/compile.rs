@@ -126,6 +126,7 @@ pub fn compile(policy: &Policy, capacities: &Capacities) -> Result<Compiled, Com
         destinations,
         service_ports,
         grants: grants(policy, &tags, &service_ids, &slots, capacities.grants)?,
+        bound: Vec::new(),
         grant_limits: policy.grants.iter().map(limits).collect(),
     };
     check_capacities(&entries, capacities)?;

@@ -185,6 +185,7 @@ mod tests {
                 ((1, 1, 2), vec![0]),
                 ((identity::ANY, 1, 1), vec![1]),
             ],
+            bound: Vec::new(),
             grant_limits: vec![
                 GrantLimits {
                     expires: None,

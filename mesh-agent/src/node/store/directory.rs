@@ -1,5 +1,5 @@
 //! The directory store: one file per node, `NAME.json` (its revocations in
-//! `revocations/NAME.json`), written by renaming a finished file into place
+//! `revocations/NAME.json`, its bindings in `bindings/NAME.json`), written by renaming a finished file into place
 //! and watched with inotify — one machine, a shared filesystem, or a folder
 //! kept in step by GitOps.
 
@@ -12,7 +12,6 @@ use futures_util::StreamExt as _;
 use inotify::{Inotify, WatchMask};
 
 use super::{Entry, MAX_ENTRIES, NodeName, Section, StoreError, StoreWatch};
-use crate::node::signed::MAX_DOCUMENT_LEN;
 
 #[derive(Debug, Clone)]
 pub struct DirectoryStore {
@@ -59,7 +58,7 @@ impl DirectoryStore {
     }
 
     /// Every entry: the files named `*.json` (hidden files are work in
-    /// progress). A file too long to be a record is read as its first
+    /// progress). A file too long for its section is read as its first
     /// bytes, so that it is rejected, not skipped unseen.
     pub fn read(&self, section: Section) -> Result<Vec<Entry>, StoreError> {
         let folder = self.folder(section);
@@ -81,7 +80,7 @@ impl DirectoryStore {
                 });
             }
             let path = dirent.path();
-            let bytes = match read_bounded(&path) {
+            let bytes = match read_bounded(&path, section.max_len()) {
                 Ok(bytes) => bytes,
                 // Withdrawn between listing and reading.
                 Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
@@ -126,11 +125,11 @@ pub fn watch_dirs(dirs: &[PathBuf]) -> Result<StoreWatch, StoreError> {
     Ok(StoreWatch::new(events.map(|event| event.map(drop)).boxed()))
 }
 
-fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
+fn read_bounded(path: &Path, max_len: usize) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut bytes = Vec::new();
     fs::File::open(path)?
-        .take(MAX_DOCUMENT_LEN as u64 + 1)
+        .take(max_len as u64 + 1)
         .read_to_end(&mut bytes)?;
     Ok(bytes)
 }

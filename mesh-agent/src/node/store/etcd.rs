@@ -1,7 +1,8 @@
 //! The etcd v3 store: each node's record under `PREFIX/nodes/NAME`, put on
 //! a lease the node keeps alive, so that the record of a node that dies
-//! ages out with the lease; its revocations under `PREFIX/revocations/NAME`,
-//! on no lease. Changes come through an etcd watch of `PREFIX/`.
+//! ages out with the lease, and its bindings under `PREFIX/bindings/NAME`
+//! on the same lease; its revocations under `PREFIX/revocations/NAME`, on
+//! no lease. Changes come through an etcd watch of `PREFIX/`.
 //!
 //! The client is given every member's endpoint and balances between them,
 //! so losing a member of the cluster loses nothing while a quorum stays.
@@ -16,11 +17,14 @@ use etcd_client::{
 use futures_util::StreamExt as _;
 
 use super::{Entry, MAX_ENTRIES, NodeName, Section, StoreError, StoreWatch};
-use crate::node::signed::MAX_DOCUMENT_LEN;
 
 /// How long a record outlives its node: the lease's time to live. It is
 /// kept alive every few seconds (the mesh's recheck), well within it.
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
+
+/// The largest answer to a read of a section: a thousand nodes' full
+/// binding sets (the client's default, 4 MiB, holds some 60).
+const MAX_RESPONSE_LEN: usize = 64 * 1024 * 1024;
 
 /// Longest an etcd request may take, connecting included.
 const DEADLINE: Duration = Duration::from_secs(3);
@@ -66,9 +70,9 @@ impl EtcdStore {
         })
     }
 
-    /// Puts the entry; a node record on this node's lease, granting one
-    /// first if there is none (the first time, or after the last one
-    /// expired).
+    /// Puts the entry; a node record or bindings on this node's lease,
+    /// granting one first if there is none (the first time, or after the
+    /// last one expired).
     pub async fn publish(
         &mut self,
         section: Section,
@@ -76,7 +80,7 @@ impl EtcdStore {
         bytes: &[u8],
     ) -> Result<(), StoreError> {
         let options = match section {
-            Section::Nodes => PutOptions::new().with_lease(match &self.lease {
+            Section::Nodes | Section::Bindings => PutOptions::new().with_lease(match &self.lease {
                 Some(lease) => lease.id,
                 None => self.grant().await?,
             }),
@@ -100,6 +104,8 @@ impl EtcdStore {
         let prefix = self.key(section, "");
         let response = self
             .client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_LEN)
             .get(
                 prefix.as_bytes(),
                 Some(GetOptions::new().with_prefix().with_limit(limit)),
@@ -117,8 +123,8 @@ impl EtcdStore {
             .iter()
             .map(|kv| Entry {
                 name: String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned(),
-                // Too long to be a record: rejected, not skipped unseen.
-                bytes: kv.value()[..kv.value().len().min(MAX_DOCUMENT_LEN + 1)].to_vec(),
+                // Too long for the section: rejected, not skipped unseen.
+                bytes: kv.value()[..kv.value().len().min(section.max_len() + 1)].to_vec(),
             })
             .collect();
         entries.sort_by(|a, b| a.name.cmp(&b.name));

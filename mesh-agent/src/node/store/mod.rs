@@ -1,6 +1,7 @@
 //! Where node records are shared: a directory ([`directory`]), the embedded
-//! default, or etcd v3 ([`etcd`]). Both hold one entry per node, filed
-//! under its name, and tell of changes through a [`StoreWatch`].
+//! default, or etcd v3 ([`etcd`]). Both hold one entry per node and
+//! [`Section`], filed under its name, and tell of changes through a
+//! [`StoreWatch`].
 //!
 //! A store is only read, never trusted: [`super::membership`] checks every
 //! entry. A store that cannot be read changes nothing — the caller keeps
@@ -17,7 +18,10 @@ pub use self::{
     directory::{DirectoryStore, watch_dirs},
     etcd::EtcdStore,
 };
-use super::{Entry, NodeName};
+use super::{
+    Entry, NodeName,
+    signed::{MAX_BINDINGS_LEN, MAX_DOCUMENT_LEN},
+};
 
 /// Where records are kept, as `--store` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,16 +117,29 @@ pub enum Section {
     Nodes,
     /// Each node's revocations; they outlive their node's lease.
     Revocations,
+    /// Each node's process bindings; on etcd, on the node's lease, as they
+    /// grant what the record's node may send.
+    Bindings,
 }
 
 impl Section {
-    pub const ALL: [Self; 2] = [Self::Nodes, Self::Revocations];
+    pub const ALL: [Self; 3] = [Self::Nodes, Self::Revocations, Self::Bindings];
 
     /// The section's folder or key segment.
     pub fn name(self) -> &'static str {
         match self {
             Self::Nodes => "nodes",
             Self::Revocations => "revocations",
+            Self::Bindings => "bindings",
+        }
+    }
+
+    /// The longest entry of the section that is read whole: a longer one is
+    /// read as its first bytes past this, to be rejected, not skipped unseen.
+    pub fn max_len(self) -> usize {
+        match self {
+            Self::Nodes | Self::Revocations => MAX_DOCUMENT_LEN,
+            Self::Bindings => MAX_BINDINGS_LEN,
         }
     }
 }
