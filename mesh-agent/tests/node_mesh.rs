@@ -1422,8 +1422,11 @@ fn kernel_wireguard_tunnels_granted_traffic_through_the_shield() -> Result<()> {
 /// Identity X: both nodes' policies declare it with no address, so that
 /// only a binding makes an address X's.
 const X: &str = "spiffe://test.internal/agent/x";
-/// Node A's agent pool: two addresses, within its prefix.
+/// Node A's agent pools, two addresses each, within its prefix: one per
+/// test, because the source guard of every agent on this host sees every
+/// socket, and would take another test's bound process for a thief.
 const POOL_A: &str = "198.18.1.128/30";
+const POOL_A_ETCD: &str = "198.18.1.132/30";
 
 /// `policy` with identity X granted the echo service's granted port.
 fn with_bound_x(policy: &str) -> String {
@@ -1538,11 +1541,36 @@ fn identity_hosts(node: &Node) -> Result<u64> {
 
 #[test]
 fn a_process_bound_on_a_is_known_to_b_by_its_address_until_it_exits() -> Result<()> {
+    bound_on_a_known_to_b(None)
+}
+
+#[test]
+fn bindings_travel_through_etcd_too() -> Result<()> {
+    bound_on_a_known_to_b(Some(POOL_A_ETCD))
+}
+
+/// A process bound on A reaches B's service as its identity, through a
+/// directory store, or through etcd with `etcd_pool` as A's pool.
+fn bound_on_a_known_to_b(etcd_pool: Option<&str>) -> Result<()> {
     require_root();
     // Dropped last: after the agents and the bound shell.
-    let cgroups = CgroupRoot::new("bound-on-a")?;
+    let cgroups = CgroupRoot::new(if etcd_pool.is_some() {
+        "bound-on-a-etcd"
+    } else {
+        "bound-on-a"
+    })?;
     let mesh = Mesh::new()?;
     let (mut a, mut b) = two_nodes(&mesh)?;
+    let _etcd = match etcd_pool {
+        Some(_) => {
+            let etcd = Etcd::start(&a.ns, a.underlay, 1)?;
+            for node in [&mut a, &mut b] {
+                node.store = etcd.store();
+            }
+            Some(etcd)
+        }
+        None => None,
+    };
     // A knows its unbound agent by its address, and grants it; B does not
     // know that address, so that B alone refuses it. Both know X only by
     // a binding.
@@ -1552,7 +1580,11 @@ fn a_process_bound_on_a_is_known_to_b_by_its_address_until_it_exits() -> Result<
     let token = a.token(&mesh, "198.18.1.0/24", HOUR, SystemTime::now())?;
     let mut command = a.command(&token, &with_bound_x(&granted_only()))?;
     command
-        .args(["--agent-pool", POOL_A, "--trust-bundle"])
+        .args([
+            "--agent-pool",
+            etcd_pool.unwrap_or(POOL_A),
+            "--trust-bundle",
+        ])
         .arg(&bundle)
         .arg("--cgroup-root")
         .arg(&cgroups.0);
