@@ -138,14 +138,20 @@ impl ControlArgs {
 
 /// Binding processes to identities, and the control socket.
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("pools").multiple(false).args(["agent_pools", "agent_pool_file"])))]
 struct BindingArgs {
     /// The trust bundle (JWKS) identity tokens are checked against.
-    #[arg(long, value_name = "FILE", requires = "agent_pools")]
+    #[arg(long, value_name = "FILE", requires = "pools")]
     trust_bundle: Option<PathBuf>,
     /// The agent pool: source addresses for bound processes, one IPv4
     /// and/or one IPv6 prefix. With a pool the agent binds processes.
     #[arg(long = "agent-pool", value_name = "CIDR", requires = "trust_bundle")]
     agent_pools: Vec<ipnet::IpNet>,
+    /// The agent pool from a file instead: its prefixes one per line, `#`
+    /// starting a comment. On Kubernetes, a ConfigMap's key named after the
+    /// node gives each node of one DaemonSet its own pool.
+    #[arg(long, value_name = "FILE", requires = "trust_bundle")]
+    agent_pool_file: Option<PathBuf>,
     /// The cgroup v2 folder below which bound processes run [default:
     /// mesh below the cgroup v2 mount].
     #[arg(long, value_name = "DIR")]
@@ -157,17 +163,48 @@ struct BindingArgs {
 }
 
 impl BindingArgs {
-    fn options(&self, state_dir: &std::path::Path) -> agent::BindingOptions {
-        agent::BindingOptions {
+    fn options(&self, state_dir: &std::path::Path) -> anyhow::Result<agent::BindingOptions> {
+        let pools = match &self.agent_pool_file {
+            Some(file) => read_pool_file(file)?,
+            None => self.agent_pools.clone(),
+        };
+        Ok(agent::BindingOptions {
             trust_bundle: self.trust_bundle.clone(),
-            pools: self.agent_pools.clone(),
+            pools,
             cgroup_root: self.cgroup_root.clone(),
             socket: self
                 .socket
                 .clone()
                 .unwrap_or_else(|| state_dir.join(control::SOCKET_FILE)),
-        }
+        })
     }
+}
+
+/// The prefixes of an agent pool file, every bad line named.
+fn read_pool_file(file: &std::path::Path) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the agent pool file {}", file.display()))?;
+    let mut pools = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let entry = line.split('#').next().unwrap_or_default().trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let pool = entry.parse().map_err(|err| {
+            anyhow::anyhow!(
+                "{}:{}: invalid prefix `{entry}`: {err}",
+                file.display(),
+                index + 1
+            )
+        })?;
+        pools.push(pool);
+    }
+    anyhow::ensure!(
+        !pools.is_empty(),
+        "the agent pool file {} lists no prefix",
+        file.display()
+    );
+    Ok(pools)
 }
 
 /// Where an agent keeps its state.
@@ -649,7 +686,7 @@ fn check_run(args: &RunArgs) -> anyhow::Result<()> {
         "metrics: http://{}/metrics, /healthz and /readyz (at most {} series)",
         args.metrics_listen, args.metrics_max_series
     );
-    let binding = args.binding.options(&args.places.state_dir);
+    let binding = args.binding.options(&args.places.state_dir)?;
     if let Some(bundle) = &binding.trust_bundle {
         let pool = identity::pool::AddressPool::new(&binding.pools)?;
         let pools: Vec<String> = pool.nets().iter().map(ToString::to_string).collect();
@@ -705,6 +742,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .with_writer(std::io::stderr)
                 .init();
+            let bindings = args.binding.options(&args.places.state_dir)?;
             let options = agent::Options {
                 policy: args.policy,
                 interfaces: args.interfaces,
@@ -719,11 +757,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_else(|| args.places.state_dir.join(FLOW_LOG)),
                 flow_events_rate: args.flow_events_rate,
                 flow_events_burst: args.flow_events_burst,
-                mesh: args.mesh.options(
-                    &args.places.state_dir,
-                    args.binding.options(&args.places.state_dir).socket,
-                )?,
-                bindings: args.binding.options(&args.places.state_dir),
+                mesh: args
+                    .mesh
+                    .options(&args.places.state_dir, bindings.socket.clone())?,
+                bindings,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

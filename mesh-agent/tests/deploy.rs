@@ -462,6 +462,7 @@ fn the_base_renders_to_valid_resources() {
     assert_eq!(
         kinds,
         [
+            "ConfigMap/mesh-agent-pools",
             "ConfigMap/mesh-policy",
             "DaemonSet/mesh-agent",
             "Namespace/mesh-system",
@@ -821,6 +822,17 @@ fn the_documented_patches_pass_run_check() {
             // The agent must see the pid of `exec` on the node.
             assert_eq!(pod["hostPID"], true, "{what}");
         }
+        // The volume that holds the file `path` that flag `name` names.
+        let volume_of = |name: &str, path: &str| -> &Value {
+            let mount = list(&container(&docs)["volumeMounts"])
+                .iter()
+                .find(|mount| Path::new(path).starts_with(mount["mountPath"].as_str().unwrap()))
+                .unwrap_or_else(|| panic!("{what}: {name} {path} is on no volume"));
+            list(&pod["volumes"])
+                .iter()
+                .find(|volume| volume["name"] == mount["name"])
+                .unwrap()
+        };
         // The files the flags name are in the mounted Secrets.
         for (name, local) in [
             ("--trust-bundle", &bundle),
@@ -831,17 +843,37 @@ fn the_documented_patches_pass_run_check() {
                 continue;
             }
             let path = flag(&args, name).to_owned();
-            let mount = list(&container(&docs)["volumeMounts"])
-                .iter()
-                .find(|mount| Path::new(&path).starts_with(mount["mountPath"].as_str().unwrap()))
-                .unwrap_or_else(|| panic!("{what}: {name} {path} is on no volume"));
             assert!(
-                list(&pod["volumes"])
-                    .iter()
-                    .any(|volume| volume["name"] == mount["name"] && volume["secret"].is_object()),
+                volume_of(name, &path)["secret"].is_object(),
                 "{what}: {name} {path} is not in a Secret"
             );
             replace_flag(&mut args, name, local.to_str().unwrap());
+        }
+        // The node's pool is its key in the pools' ConfigMap, which the
+        // overlay fills as the docs show.
+        let name = "--agent-pool-file";
+        if args.iter().any(|arg| arg.starts_with(name)) {
+            let path = flag(&args, name).to_owned();
+            assert_eq!(
+                volume_of(name, &path)["configMap"]["name"],
+                "mesh-agent-pools",
+                "{what}"
+            );
+            assert!(path.ends_with(&format!("/{NODE_NAME}")), "{what}: {path}");
+            let pools = scratch.path().join("pools");
+            fs::write(&pools, "# the node's pool\n100.96.3.0/24\n").unwrap();
+            replace_flag(&mut args, name, pools.to_str().unwrap());
+            let bad_pools = scratch.path().join("bad-pools");
+            fs::write(&bad_pools, "100.96.3.0/33\n").unwrap();
+            let mut bad = args.clone();
+            replace_flag(&mut bad, name, bad_pools.to_str().unwrap());
+            let refused = run_check(&bad);
+            assert!(
+                !refused.status.success()
+                    && text(&refused.stderr)
+                        .contains(&format!("{}:1: invalid prefix", bad_pools.display())),
+                "{what}: a bad pool file: {refused:?}"
+            );
         }
         // The node's key is in its state folder.
         replace_flag(&mut args, "--state-dir", state.to_str().unwrap());
