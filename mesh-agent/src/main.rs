@@ -355,9 +355,10 @@ impl MeshArgs {
     /// `None` without `--join-token`; clap makes sure the rest is there.
     fn options(
         &self,
-        state_dir: &std::path::Path,
+        places: &Places,
         control_socket: PathBuf,
     ) -> anyhow::Result<Option<node::MeshOptions>> {
+        let state_dir = &places.state_dir;
         let Some(join_token) = self.join_token.clone() else {
             return Ok(None);
         };
@@ -378,6 +379,7 @@ impl MeshArgs {
             state_dir: state_dir.to_owned(),
             shield: self.underlay.clone().map(|interface| node::ShieldOptions {
                 interface,
+                bpffs: places.bpffs.clone(),
                 services: self.underlay_allow.clone(),
                 rates: node::HandshakeRates {
                     per_subnet: self.handshake_rate,
@@ -711,7 +713,7 @@ fn check_run(args: &RunArgs) -> anyhow::Result<()> {
         );
         println!("  control socket {}", binding.socket.display());
     }
-    if let Some(mesh) = args.mesh.options(&args.places.state_dir, binding.socket)? {
+    if let Some(mesh) = args.mesh.options(&args.places, binding.socket)? {
         for line in node::check(&mesh)? {
             println!("{line}");
         }
@@ -743,6 +745,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .init();
             let bindings = args.binding.options(&args.places.state_dir)?;
+            let mesh = args.mesh.options(&args.places, bindings.socket.clone())?;
             let options = agent::Options {
                 policy: args.policy,
                 interfaces: args.interfaces,
@@ -757,9 +760,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_else(|| args.places.state_dir.join(FLOW_LOG)),
                 flow_events_rate: args.flow_events_rate,
                 flow_events_burst: args.flow_events_burst,
-                mesh: args
-                    .mesh
-                    .options(&args.places.state_dir, bindings.socket.clone())?,
+                mesh,
                 bindings,
             };
             tokio::runtime::Builder::new_current_thread()

@@ -1113,25 +1113,28 @@ fn the_underlay_shield_admits_peers_and_services_and_drops_the_rest() -> Result<
     let mesh = Mesh::new()?;
     let (mut a, mut b) = two_nodes(&mesh)?;
     let token = a.token(&mesh, "198.18.1.0/24", HOUR, SystemTime::now())?;
-    let mut command = a.command(
-        &token,
-        &policy(&format!("\"{GRANTED}/tcp\", \"{UNGRANTED}/tcp\"")),
-    )?;
-    command.args([
-        "--underlay=under-a",
-        "--underlay-allow=tcp/2222@192.0.2.0/24",
-        "--handshake-rate=5",
-        "--handshake-rate-total=50",
-    ]);
-    a.agent = Some(Process::spawn(command)?);
-    a.wait_for("the agent to be ready", || {
-        Ok(a.http("/readyz")?.starts_with("HTTP/1.1 200"))
-    })?;
+    let start_a = |a: &mut Node| -> Result<()> {
+        let mut command = a.command(
+            &token,
+            &policy(&format!("\"{GRANTED}/tcp\", \"{UNGRANTED}/tcp\"")),
+        )?;
+        command.args([
+            "--underlay=under-a",
+            "--underlay-allow=tcp/2222@192.0.2.0/24",
+            "--handshake-rate=5",
+            "--handshake-rate-total=50",
+        ]);
+        a.agent = Some(Process::spawn(command)?);
+        a.wait_for("the agent to be ready", || {
+            Ok(a.http("/readyz")?.starts_with("HTTP/1.1 200"))
+        })
+    };
+    start_a(&mut a)?;
     b.join(&mesh, "198.18.2.0/24", &granted_only())?;
     for node in [&a, &b] {
         node.wait_for("one peer", || Ok(node.metric("mesh_node_peers")? == 1.0))?;
     }
-    let shield = |verdict: &str, reason: &str| {
+    let shield = |a: &Node, verdict: &str, reason: &str| {
         a.metric(&format!(
             "mesh_underlay_packets_total{{reason=\"{reason}\",verdict=\"{verdict}\"}}"
         ))
@@ -1141,7 +1144,7 @@ fn the_underlay_shield_admits_peers_and_services_and_drops_the_rest() -> Result<
     tcp_stream_echo_server(&b.ns, SERVICE_B)?;
     a.reaches(SERVICE_B)?;
     ensure!(
-        shield("pass", "peer")? > 0.0,
+        shield(&a, "pass", "peer")? > 0.0,
         "no WireGuard admitted as a peer's"
     );
 
@@ -1160,11 +1163,14 @@ fn the_underlay_shield_admits_peers_and_services_and_drops_the_rest() -> Result<
     };
     ensure!(open(2222)?, "the allowed host service is shut");
     ensure!(
-        shield("pass", "service")? > 0.0,
+        shield(&a, "pass", "service")? > 0.0,
         "no service packet counted"
     );
     ensure!(!open(2223)?, "a host service that is not allowed is open");
-    ensure!(shield("drop", "other")? > 0.0, "no dropped packet counted");
+    ensure!(
+        shield(&a, "drop", "other")? > 0.0,
+        "no dropped packet counted"
+    );
 
     // A flood at the WireGuard port from a source that is no peer: about
     // a burst's worth (twice the rate) gets through, the rest is dropped.
@@ -1178,15 +1184,49 @@ fn the_underlay_shield_admits_peers_and_services_and_drops_the_rest() -> Result<
         Ok(200)
     })??;
     a.wait_for("the flood to be counted", || {
-        Ok(shield("pass", "handshake")? + shield("drop", "handshake_limited")? >= sent as f64)
+        Ok(
+            shield(&a, "pass", "handshake")? + shield(&a, "drop", "handshake_limited")?
+                >= sent as f64,
+        )
     })?;
-    let admitted = shield("pass", "handshake")?;
+    let admitted = shield(&a, "pass", "handshake")?;
     ensure!(
         (10.0..=15.0).contains(&admitted),
         "{admitted} of {sent} handshakes from one subnet admitted; expected a burst of about 10"
     );
     // The peer is unaffected.
     a.reaches(SERVICE_B)?;
+
+    // A's agent dies: the shield stays, pinned, and still drops.
+    if let Some(agent) = &mut a.agent {
+        let _ = agent.0.kill();
+        let _ = agent.0.wait();
+    }
+    ensure!(
+        open(2222)?,
+        "without its agent, the shield shut the allowed service"
+    );
+    ensure!(
+        !open(2223)?,
+        "without its agent, the shield let through another port"
+    );
+    // A new agent adopts it, counters and all, and carries on.
+    let dropped = shield(&a, "drop", "other").unwrap_or_default();
+    start_a(&mut a)?;
+    ensure!(
+        !open(2223)?,
+        "the adopting agent's shield let another port through"
+    );
+    ensure!(
+        shield(&a, "drop", "other")? > dropped,
+        "the adopting agent's shield counters started over or stayed still"
+    );
+    // Teardown takes it off the underlay: the port is open as before mesh.
+    a.agent.take();
+    a.teardown()?;
+    let xdp = a.ns.ip(&["link", "show", "under-a"])?;
+    ensure!(!xdp.contains("xdp"), "teardown left the shield: {xdp}");
+    ensure!(open(2223)?, "after teardown the underlay is still shielded");
     Ok(())
 }
 

@@ -100,6 +100,8 @@ pub fn teardown(state_dir: &Path, bpffs: &Path) -> Result<(), AgentError> {
         return Ok(());
     }
     let lock = AgentLock::take(bpffs)?;
+    // The shield's pins are below the datapath's folder.
+    crate::node::unpin_shield(bpffs).map_err(|err| AgentError::Mesh(err.into()))?;
     datapath::unpin_all(&Pins::new(bpffs))?;
     drop(lock);
     let status = AgentStatus::path(state_dir);

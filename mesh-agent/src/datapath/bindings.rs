@@ -206,7 +206,7 @@ fn pin_error(path: &Path) -> impl FnOnce(io::Error) -> DatapathError {
 
 /// Swaps `program` into the link pinned at `path` by an earlier agent;
 /// false if there is none to adopt.
-fn adopt_link(path: &Path, program: BorrowedFd<'_>) -> Result<bool, DatapathError> {
+pub(crate) fn adopt_link(path: &Path, program: BorrowedFd<'_>) -> Result<bool, DatapathError> {
     match sys::update_pinned_link(path, program) {
         Ok(()) => Ok(true),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -219,7 +219,8 @@ fn adopt_link(path: &Path, program: BorrowedFd<'_>) -> Result<bool, DatapathErro
     }
 }
 
-fn pin_link<L>(link: L, path: &Path) -> Result<(), DatapathError>
+/// Pins `link` at `path`, so that it outlives this process.
+pub(crate) fn pin_link<L>(link: L, path: &Path) -> Result<(), DatapathError>
 where
     FdLink: TryFrom<L>,
     <FdLink as TryFrom<L>>::Error: std::error::Error + Send + Sync + 'static,

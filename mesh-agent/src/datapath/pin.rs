@@ -104,31 +104,7 @@ impl Pins {
     /// `object` declares: programs given a map of another layout
     /// would be refused by the verifier, or worse, misread it.
     pub(super) fn check_layout(&self, object: &[u8]) -> Result<(), DatapathError> {
-        let object = aya_obj::Object::parse(object).map_err(DatapathError::Object)?;
-        for (name, path) in self.map_paths() {
-            let Ok(pinned) = MapData::from_pin(&path) else {
-                // Not pinned yet: the loader makes it.
-                continue;
-            };
-            let info = pinned
-                .info()
-                .map_err(|source| DatapathError::Map { name, source })?;
-            let declared = object
-                .maps
-                .get(name)
-                .ok_or(DatapathError::MissingMap(name))?;
-            let describe = |key: u32, value: u32| format!("keys of {key} B, values of {value} B");
-            let pinned = describe(info.key_size(), info.value_size());
-            let needed = describe(declared.key_size(), declared.value_size());
-            if pinned != needed {
-                return Err(DatapathError::IncompatiblePin {
-                    name,
-                    pinned,
-                    needed,
-                });
-            }
-        }
-        Ok(())
+        check_layout(object, &self.map_paths())
     }
 
     /// `links/<hook>/<interface>`. bpffs refuses names with a dot, which
@@ -175,6 +151,39 @@ impl Pins {
     }
 }
 
+/// Checks that every map pinned at its path has the key and value size
+/// that `object` declares; maps not pinned yet are the loader's to make.
+pub(crate) fn check_layout(
+    object: &[u8],
+    maps: &[(&'static str, PathBuf)],
+) -> Result<(), DatapathError> {
+    let object = aya_obj::Object::parse(object).map_err(DatapathError::Object)?;
+    for &(name, ref path) in maps {
+        let Ok(pinned) = MapData::from_pin(path) else {
+            // Not pinned yet: the loader makes it.
+            continue;
+        };
+        let info = pinned
+            .info()
+            .map_err(|source| DatapathError::Map { name, source })?;
+        let declared = object
+            .maps
+            .get(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let describe = |key: u32, value: u32| format!("keys of {key} B, values of {value} B");
+        let pinned = describe(info.key_size(), info.value_size());
+        let needed = describe(declared.key_size(), declared.value_size());
+        if pinned != needed {
+            return Err(DatapathError::IncompatiblePin {
+                name,
+                pinned,
+                needed,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Datapath {
     /// Loads the programs with every map pinned under `pins`: maps an
     /// earlier agent pinned there are adopted, contents and all.
@@ -202,13 +211,23 @@ impl Datapath {
             source,
         };
         match PinnedLink::from_pin(&path) {
-            Ok(pinned) => {
-                let attachment = self.take_over(FdLink::from(pinned), hook, interface)?;
-                // The pin already names this very link; only release our
-                // hold on it, so that dropping the datapath leaves it be.
-                drop(self.release(attachment)?);
-                Ok(())
-            }
+            Ok(pinned) => match self.take_over(FdLink::from(pinned), hook, interface) {
+                Ok(attachment) => {
+                    // The pin already names this very link; only release
+                    // our hold on it, so that dropping the datapath leaves
+                    // it be.
+                    drop(self.release(attachment)?);
+                    Ok(())
+                }
+                // The interface the link was on is gone (a userspace
+                // WireGuard device ends with its agent), and this one of
+                // the same name is new: attach afresh in the link's place.
+                Err(err) if severed(&err) => {
+                    fs::remove_file(&path).map_err(pin_error)?;
+                    self.attach_pinned(pins, interface, hook)
+                }
+                Err(err) => Err(err),
+            },
             Err(LinkError::SyscallError(call))
                 if call.io_error.kind() == io::ErrorKind::NotFound =>
             {
@@ -321,6 +340,17 @@ impl Datapath {
             }
         }
     }
+}
+
+/// Whether attaching failed because the link's interface is gone.
+fn severed(err: &DatapathError) -> bool {
+    matches!(
+        err,
+        DatapathError::Attach {
+            source: ProgramError::SyscallError(call),
+            ..
+        } if call.io_error.raw_os_error() == Some(libc::ENOLINK)
+    )
 }
 
 /// Removes every pin under `pins` — links first, each detached at once

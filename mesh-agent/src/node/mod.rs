@@ -31,7 +31,9 @@ pub use membership::{Checker, Entry, Local, Membership, Peer, Rejected};
 pub use mesh::{Mesh, MeshError, MeshOptions, check};
 pub use name::{InvalidNodeName, NodeName};
 pub use record::{NodeRecord, SignedRecord};
-pub use shield::{HandshakeRates, InvalidService, ShieldError, ShieldOptions, ShieldService};
+pub use shield::{
+    HandshakeRates, InvalidService, ShieldError, ShieldOptions, ShieldService, unpin_shield,
+};
 pub use signed::{DecodeError, Document, Signed};
 pub use signing::{InvalidSigningKey, SIGNING_KEY_FILE, SigningKey, SigningPublicKey};
 pub use store::{Section, Store, StoreError, StoreSpec, StoreSpecError, StoreWatch};

@@ -7,18 +7,24 @@
 //! segments of open connections, and drops everything else at line rate.
 //! Counters by reason are in `mesh_underlay_packets_total`.
 //!
-//! The program and its maps live as long as the agent: when it stops, the
-//! shield goes with it.
+//! Like the datapath, the shield outlives the agent: its maps are pinned
+//! under `BPFFS/shield/maps/` and its link under `BPFFS/shield/links/`, a
+//! restarted agent adopts both (peers, buckets and counters included) and
+//! swaps its program into the link atomically, and `mesh-agent teardown`
+//! removes them. A crashed agent leaves the underlay shielded.
 
 use std::{
     collections::BTreeSet,
-    net::IpAddr,
+    fs, io,
+    net::{IpAddr, Ipv6Addr},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
     str::FromStr,
     sync::{Arc, Mutex},
 };
 
 use aya::{
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
     programs::{ProgramError, Xdp, XdpMode},
 };
@@ -33,7 +39,10 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use crate::metrics::Metrics;
+use crate::{
+    datapath::{self, DatapathError},
+    metrics::Metrics,
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shield"));
 
@@ -127,6 +136,8 @@ pub struct HandshakeRates {
 
 pub struct ShieldOptions {
     pub interface: String,
+    /// The agent's bpffs folder: the shield is pinned below it.
+    pub bpffs: PathBuf,
     pub services: Vec<ShieldService>,
     pub rates: HandshakeRates,
 }
@@ -157,9 +168,106 @@ pub enum ShieldError {
     TooManyServices(u32),
     #[error("registering the underlay shield's metrics")]
     Metrics(#[from] prometheus::Error),
+    #[error("pinning the underlay shield")]
+    Pins(#[source] DatapathError),
+    #[error("the underlay shield's pins in {}", path.display())]
+    PinFolder {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// The shield, attached. Dropping it detaches it.
+/// Every map of the shield, each pinned as `maps/<name>`.
+const MAPS: [&str; 6] = [
+    maps::CONFIG,
+    maps::PEERS,
+    maps::SERVICES,
+    maps::SUBNETS,
+    maps::OVERALL,
+    maps::COUNTERS,
+];
+
+/// The shield's pins below the agent's bpffs folder.
+struct ShieldPins {
+    root: PathBuf,
+}
+
+impl ShieldPins {
+    fn new(bpffs: &Path) -> Self {
+        Self {
+            root: bpffs.join("shield"),
+        }
+    }
+
+    fn maps(&self) -> Vec<(&'static str, PathBuf)> {
+        MAPS.iter()
+            .map(|&name| (name, self.root.join("maps").join(name)))
+            .collect()
+    }
+
+    fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// `links/<interface>`, dots as colons as the datapath's links have.
+    fn link(&self, interface: &str) -> PathBuf {
+        self.links().join(interface.replace('.', ":"))
+    }
+
+    /// The pinned links, of whichever interface.
+    fn pinned_links(&self) -> Result<Vec<PathBuf>, ShieldError> {
+        let dir = self.links();
+        match fs::read_dir(&dir) {
+            Ok(entries) => Ok(entries.filter_map(Result::ok).map(|e| e.path()).collect()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(ShieldError::PinFolder { path: dir, source }),
+        }
+    }
+}
+
+/// Removes the shield's pins under the agent's bpffs folder `bpffs`, its
+/// links detached at once: the underlay is as it was before mesh. Nothing
+/// pinned is fine.
+pub fn unpin_shield(bpffs: &Path) -> Result<(), ShieldError> {
+    let pins = ShieldPins::new(bpffs);
+    let folder_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ShieldError::PinFolder { path, source }
+    };
+    for link in pins.pinned_links()? {
+        detach_and_unpin(&link)?;
+    }
+    for (_, path) in pins.maps() {
+        ignore_missing(fs::remove_file(&path)).map_err(folder_error(&path))?;
+    }
+    for dir in [pins.links(), pins.root.join("maps"), pins.root.clone()] {
+        ignore_missing(fs::remove_dir(&dir)).map_err(folder_error(&dir))?;
+    }
+    Ok(())
+}
+
+fn detach_and_unpin(link: &Path) -> Result<(), ShieldError> {
+    let error = |source| ShieldError::PinFolder {
+        path: link.to_owned(),
+        source,
+    };
+    match datapath::detach_pinned_link(link) {
+        // Defunct already: its interface is gone.
+        Err(err) if err.raw_os_error() != Some(libc::ENOLINK) => return Err(error(err)),
+        _ => {}
+    }
+    fs::remove_file(link).map_err(error)
+}
+
+fn ignore_missing(result: io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// The shield, attached and pinned. Dropping it leaves it in place.
 pub struct Shield {
     ebpf: Ebpf,
     /// The addresses admitted as peers' endpoints.
@@ -167,9 +275,12 @@ pub struct Shield {
 }
 
 impl Shield {
-    /// Loads the shield, configures it for WireGuard on `listen_port`, and
-    /// attaches it to the underlay; no peer is known yet, so only
-    /// rate-limited handshakes reach WireGuard until [`Shield::sync_peers`].
+    /// Loads the shield with its maps pinned below the agent's bpffs folder (an earlier
+    /// agent's adopted), configures it for WireGuard on `listen_port`, and
+    /// attaches it to the underlay, or swaps it into the link an earlier
+    /// agent pinned there. The peers an earlier agent admitted stay until
+    /// [`Shield::sync_peers`]; a fresh shield knows none, so only
+    /// rate-limited handshakes reach WireGuard until then.
     pub fn start(
         options: &ShieldOptions,
         listen_port: u16,
@@ -178,7 +289,18 @@ impl Shield {
         if OBJECT.is_empty() {
             return Err(ShieldError::NoProgram);
         }
-        let mut ebpf = Ebpf::load(OBJECT).map_err(ShieldError::Load)?;
+        let pins = ShieldPins::new(&options.bpffs);
+        for dir in [pins.root.join("maps"), pins.links()] {
+            fs::create_dir_all(&dir)
+                .map_err(|source| ShieldError::PinFolder { path: dir, source })?;
+        }
+        let map_pins = pins.maps();
+        datapath::check_layout(OBJECT, &map_pins).map_err(ShieldError::Pins)?;
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(ShieldError::Load)?;
         let config = ShieldConfig {
             listen_port,
             _pad: [0; 6],
@@ -203,6 +325,25 @@ impl Shield {
                 .insert(key, 1, 0)
                 .map_err(map_error(maps::SERVICES))?;
         }
+        // An earlier agent's services that this one does not name.
+        let wanted: Vec<(u32, ServiceKey)> = keys
+            .iter()
+            .map(|key| (key.prefix_len(), key.data()))
+            .collect();
+        let present: Vec<Key<ServiceKey>> = services
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::SERVICES))?;
+        for key in present {
+            if !wanted.contains(&(key.prefix_len(), key.data())) {
+                services.remove(&key).map_err(map_error(maps::SERVICES))?;
+            }
+        }
+        let peers: BTreeSet<IpAddr> = map::<HashMap<_, ShieldAddr, u8>>(&mut ebpf, maps::PEERS)?
+            .keys()
+            .map(|key| key.map(from_shield_addr))
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::PEERS))?;
         let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
             ebpf.take_map(maps::COUNTERS)
                 .ok_or(ShieldError::Missing(maps::COUNTERS))?,
@@ -217,16 +358,25 @@ impl Shield {
             .try_into()
             .map_err(ShieldError::Program)?;
         program.load().map_err(ShieldError::Program)?;
-        program
-            .attach(&options.interface, XdpMode::Default)
-            .map_err(|source| ShieldError::Attach {
-                interface: options.interface.clone(),
-                source,
-            })?;
-        Ok(Self {
-            ebpf,
-            peers: BTreeSet::new(),
-        })
+        let path = pins.link(&options.interface);
+        // A shield an earlier agent left on another interface goes.
+        for other in pins.pinned_links()? {
+            if other != path {
+                detach_and_unpin(&other)?;
+            }
+        }
+        let fd = program.fd().map_err(ShieldError::Program)?;
+        if !datapath::adopt_link(&path, fd.as_fd()).map_err(ShieldError::Pins)? {
+            let id = program
+                .attach(&options.interface, XdpMode::Default)
+                .map_err(|source| ShieldError::Attach {
+                    interface: options.interface.clone(),
+                    source,
+                })?;
+            let link = program.take_link(id).map_err(ShieldError::Program)?;
+            datapath::pin_link(link, &path).map_err(ShieldError::Pins)?;
+        }
+        Ok(Self { ebpf, peers })
     }
 
     /// Makes the admitted peer addresses exactly `peers`: new ones first,
@@ -262,6 +412,10 @@ fn shield_addr(address: IpAddr) -> ShieldAddr {
         IpAddr::V4(v4) => mapped_v4(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
     }
+}
+
+fn from_shield_addr(address: ShieldAddr) -> IpAddr {
+    Ipv6Addr::from(address).to_canonical()
 }
 
 /// A map of the shield as `T`.
