@@ -410,6 +410,24 @@ enum NodeCommand {
         #[arg(long, default_value = "/var/lib/mesh")]
         state_dir: PathBuf,
     },
+    /// Revoke a node: sign, with an admin key, that no join token of NODE
+    /// issued until now admits it, and write that to the store. Every node
+    /// drops it as a peer at its next read of the store and keeps the
+    /// revocation; a join token issued later admits the node again.
+    Revoke {
+        /// The admin key, as `token keygen` writes it.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The node's name.
+        #[arg(long, value_name = "NAME")]
+        node: node::NodeName,
+        /// Why, for the nodes' logs.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// The mesh's store, as `run --store` names it.
+        #[arg(long, value_name = "STORE")]
+        store: node::StoreSpec,
+    },
 }
 
 #[derive(Subcommand)]
@@ -461,6 +479,29 @@ fn node(command: NodeCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("creating {}", state_dir.display()))?;
             let (key, _) = node::SigningKey::load_or_create(&state_dir)?;
             println!("{}", key.public());
+        }
+        NodeCommand::Revoke {
+            key,
+            node,
+            reason,
+            store,
+        } => {
+            let key = IssuerKey::load(&key)?;
+            let now = SystemTime::now();
+            let revocation = node::token::revoke(&key, &node, reason.as_deref(), now)?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    node::Store::open(&store)
+                        .await?
+                        .publish(node::Section::RevokedNodes, &node, revocation.as_bytes())
+                        .await
+                })?;
+            println!(
+                "node {node} revoked in {store}: its join tokens issued until {} admit it no more",
+                OffsetDateTime::from(now).format(&Rfc3339)?
+            );
         }
         NodeCommand::RotateKey { state_dir } => {
             let key = node::NodeKey::generate()?;

@@ -1230,6 +1230,83 @@ fn the_underlay_shield_admits_peers_and_services_and_drops_the_rest() -> Result<
     Ok(())
 }
 
+/// `mesh-agent node revoke` with the admin key in `keys`, of node `node`.
+fn revoke_node(mesh: &Mesh, keys: &std::path::Path, node: &str) -> Result<()> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .args(["node", "revoke", "--node", node, "--reason", "compromised"])
+        .arg("--key")
+        .arg(keys.join(mesh_agent::identity::KEY_FILE))
+        .arg("--store")
+        .arg(&mesh.store)
+        .output()?;
+    ensure!(output.status.success(), "node revoke: {output:?}");
+    Ok(())
+}
+
+#[test]
+fn a_revoked_node_is_no_peer_until_a_newer_token_admits_it() -> Result<()> {
+    require_root();
+    let mesh = Mesh::new()?;
+    let (mut a, mut b) = joined(&mesh)?;
+    tcp_stream_echo_server(&b.ns, SERVICE_B)?;
+    a.reaches(SERVICE_B)?;
+    let rejected = |node: &Node, reason: &str| {
+        node.metric(&format!(
+            "mesh_node_records_rejected_total{{reason=\"{reason}\"}}"
+        ))
+    };
+
+    // A revocation signed with another key than the admin's is no
+    // revocation.
+    let forger = tempfile::tempdir()?;
+    IssuerKey::generate(Algorithm::EdDsa, Some("admin".into()))?.save(forger.path())?;
+    revoke_node(&mesh, forger.path(), "node-b")?;
+    a.wait_for("the forged revocation to be rejected", || {
+        Ok(rejected(&a, "bad_signature")? >= 1.0)
+    })?;
+    ensure!(a.metric("mesh_node_peers")? == 1.0, "a forgery revoked B");
+    a.reaches(SERVICE_B)?;
+
+    // The admin's: A drops B at once, and refuses its record.
+    let admin = tempfile::tempdir()?;
+    mesh.admin.save(admin.path())?;
+    revoke_node(&mesh, admin.path(), "node-b")?;
+    a.wait_for("A to drop the revoked node", || {
+        Ok(a.metric("mesh_node_peers")? == 0.0)
+    })?;
+    ensure!(rejected(&a, "revoked")? >= 1.0, "no revoked record counted");
+    ensure!(
+        !tcp_echo_works(&a.ns, AGENT_A, SERVICE_B, PATIENCE)?,
+        "A still reaches the revoked node"
+    );
+
+    // Taking the revocation out of the store lifts nothing: A keeps it,
+    // also across a restart.
+    std::fs::remove_file(mesh.store_dir().join("revoked-nodes/node-b.json"))?;
+    a.agent.take();
+    a.join(
+        &mesh,
+        "198.18.1.0/24",
+        &policy(&format!("\"{GRANTED}/tcp\", \"{UNGRANTED}/tcp\"")),
+    )?;
+    // Two rounds of the periodic check.
+    thread::sleep(Duration::from_secs(11));
+    ensure!(
+        a.metric("mesh_node_peers")? == 0.0,
+        "A took the revoked node back"
+    );
+
+    // A join token issued after the revocation admits B again.
+    thread::sleep(Duration::from_millis(1100));
+    b.agent.take();
+    b.join(&mesh, "198.18.2.0/24", &granted_only())?;
+    a.wait_for("A to take B with its new token", || {
+        Ok(a.metric("mesh_node_peers")? == 1.0)
+    })?;
+    a.reaches(SERVICE_B)?;
+    Ok(())
+}
+
 #[test]
 fn a_revocation_on_a_is_enforced_on_b_within_a_second() -> Result<()> {
     require_root();

@@ -16,7 +16,10 @@ use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
 
 use ipnet::IpNet;
 
-use super::{Join, JoinVerifier, NodeName, NodeRecord, PublicKey, SignedRecord, SigningPublicKey};
+use super::{
+    Join, JoinVerifier, NodeName, NodeRecord, PublicKey, RevokedNodes, SignedRecord,
+    SigningPublicKey,
+};
 
 /// A checked record: a node to make a WireGuard peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +69,8 @@ pub struct Local {
 
 pub struct Checker {
     verifier: JoinVerifier,
+    /// Nodes the admin revoked: their records are refused.
+    revoked: RevokedNodes,
     /// The mesh's address range: every node's prefix lies in it.
     mesh: IpNet,
     /// By node, its newest record whose signature checked, and the peer it
@@ -84,9 +89,10 @@ struct Refusal {
 }
 
 impl Checker {
-    pub fn new(verifier: JoinVerifier, mesh: IpNet) -> Self {
+    pub fn new(verifier: JoinVerifier, mesh: IpNet, revoked: RevokedNodes) -> Self {
         Self {
             verifier,
+            revoked,
             mesh,
             newest: BTreeMap::new(),
         }
@@ -99,6 +105,17 @@ impl Checker {
         now: SystemTime,
     ) -> Result<super::Join, crate::identity::TokenError> {
         self.verifier.verify(token, now)
+    }
+
+    /// The revocation of `join`'s node that takes it away, if one is kept.
+    pub fn revoking(&self, join: &Join) -> Option<&super::NodeRevocation> {
+        self.revoked.revoking(join)
+    }
+
+    /// Takes the revocations of nodes among `entries` (see
+    /// [`RevokedNodes::update`]); the next [`Checker::check`] applies them.
+    pub fn update_revoked(&mut self, entries: &[Entry], now: SystemTime) -> Vec<Rejected> {
+        self.revoked.update(entries, &self.verifier, now)
     }
 
     /// The peers among `entries`, and the rest with their reasons. The
@@ -246,6 +263,9 @@ impl Checker {
         local: &Local,
     ) -> Result<Peer, Reason> {
         let refuse = |reason, detail| Err((reason, detail));
+        if let Some(revocation) = self.revoked.revoking(join) {
+            return refuse("revoked", describe_revocation(revocation));
+        }
         if record.prefix != record.prefix.trunc() {
             return refuse("malformed", format!("{} has host bits set", record.prefix));
         }
@@ -288,6 +308,17 @@ impl Checker {
     }
 }
 
+/// When the node was revoked, and why.
+pub fn describe_revocation(revocation: &super::NodeRevocation) -> String {
+    let at = time::OffsetDateTime::from(revocation.revoked_at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "?".into());
+    match &revocation.reason {
+        Some(reason) => format!("node {} revoked at {at}: {reason}", revocation.node),
+        None => format!("node {} revoked at {at}", revocation.node),
+    }
+}
+
 /// Whether `outer` holds all of `inner` (same address family).
 fn contains(outer: IpNet, inner: IpNet) -> bool {
     outer.prefix_len() <= inner.prefix_len() && outer.contains(&inner.network())
@@ -320,7 +351,11 @@ mod tests {
         let admin = IssuerKey::generate(Algorithm::EdDsa, Some("admin".into())).unwrap();
         let bundle = TrustBundle::from_json(admin.bundle_json().as_bytes()).unwrap();
         Fixture {
-            checker: Checker::new(JoinVerifier::new(bundle), "10.100.0.0/16".parse().unwrap()),
+            checker: Checker::new(
+                JoinVerifier::new(bundle),
+                "10.100.0.0/16".parse().unwrap(),
+                RevokedNodes::default(),
+            ),
             admin,
             local: Local {
                 name: "local".parse().unwrap(),

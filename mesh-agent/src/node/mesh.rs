@@ -25,10 +25,11 @@ use tokio::sync::watch;
 
 use super::{
     Checker, Entry, Join, JoinVerifier, Local, NodeKey, NodeKeyError, NodeName, NodeRecord,
-    ShieldError, ShieldOptions, Signed, SignedRecord, SigningKey, SigningPublicKey, Store,
-    StoreError, StoreSpec, StoreWatch,
+    RevokedNodes, RevokedNodesError, ShieldError, ShieldOptions, Signed, SignedRecord, SigningKey,
+    SigningPublicKey, Store, StoreError, StoreSpec, StoreWatch,
     bindings::{self, BindingSet, Bound, PeerBindings},
     keys::KEY_FILE,
+    membership::describe_revocation,
     published::FromPeers,
     revocations::{self, Remote, RevocationList},
     shield::Shield,
@@ -106,6 +107,10 @@ pub enum MeshError {
     Key(#[from] NodeKeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("this node's join token is revoked ({0}): the admin must issue a new one")]
+    Revoked(String),
+    #[error(transparent)]
+    RevokedNodes(#[from] RevokedNodesError),
     #[error(transparent)]
     State(#[from] teardown::StateError),
     #[error("WireGuard interface")]
@@ -538,13 +543,14 @@ impl Mesh {
     /// their bindings to their sets. A store that cannot be read changes
     /// nothing.
     async fn sync(&mut self) {
-        let (entries, lists, sets) = match (
+        let (entries, lists, sets, revoked) = match (
             self.store.read(Section::Nodes).await,
             self.store.read(Section::Revocations).await,
             self.store.read(Section::Bindings).await,
+            self.store.read(Section::RevokedNodes).await,
         ) {
-            (Ok(entries), Ok(lists), Ok(sets)) => (entries, lists, sets),
-            (Err(err), _, _) | (_, Err(err), _) | (_, _, Err(err)) => {
+            (Ok(entries), Ok(lists), Ok(sets), Ok(revoked)) => (entries, lists, sets, revoked),
+            (Err(err), ..) | (_, Err(err), ..) | (_, _, Err(err), _) | (.., Err(err)) => {
                 self.counters.store_errors.inc();
                 tracing::warn!(error = %err, "cannot read the store; the last good state stays");
                 return;
@@ -565,7 +571,10 @@ impl Mesh {
             self.publish().await;
         }
         let local = self.local();
-        let mut membership = self.checker.check(&entries, &local, SystemTime::now());
+        let now = SystemTime::now();
+        let revoked_rejected = self.checker.update_revoked(&revoked, now);
+        let mut membership = self.checker.check(&entries, &local, now);
+        membership.rejected.extend(revoked_rejected);
         let others = |entries: Vec<Entry>| -> Vec<Entry> {
             entries
                 .into_iter()
@@ -688,7 +697,9 @@ impl Mesh {
 /// the mesh's range, and the checker that checks the other nodes.
 fn own_join(options: &MeshOptions) -> Result<(Checker, String, Join), MeshError> {
     let bundle = TrustBundle::load(&options.bundle)?;
-    let checker = Checker::new(JoinVerifier::new(bundle), options.mesh_range);
+    let verifier = JoinVerifier::new(bundle);
+    let revoked = RevokedNodes::load(&options.state_dir, &verifier, SystemTime::now())?;
+    let checker = Checker::new(verifier, options.mesh_range, revoked);
     let token = std::fs::read_to_string(&options.join_token)
         .map_err(|source| MeshError::ReadToken {
             path: options.join_token.clone(),
@@ -699,6 +710,9 @@ fn own_join(options: &MeshOptions) -> Result<(Checker, String, Join), MeshError>
     let join = checker
         .check_own(&token, SystemTime::now())
         .map_err(|source| MeshError::Join { source })?;
+    if let Some(revocation) = checker.revoking(&join) {
+        return Err(MeshError::Revoked(describe_revocation(revocation)));
+    }
     let mesh = options.mesh_range;
     if !(mesh.prefix_len() <= join.prefix.prefix_len() && mesh.contains(&join.prefix.network())) {
         return Err(MeshError::OutsideMesh {

@@ -6,8 +6,9 @@
 //! one is logged, counted and never configured, and a store that cannot be
 //! read leaves the last good state in place. Revocations made on one node
 //! are published the same way and applied on every other, and so are its
-//! process bindings, by which every other node classifies its addresses;
-//! an XDP shield can guard the underlay.
+//! process bindings, by which every other node classifies its addresses.
+//! The admin can revoke a node before its token expires. An XDP shield can
+//! guard the underlay.
 
 mod bindings;
 mod keys;
@@ -17,6 +18,7 @@ mod name;
 mod published;
 mod record;
 mod revocations;
+mod revoked_nodes;
 mod shield;
 mod signed;
 mod signing;
@@ -31,6 +33,7 @@ pub use membership::{Checker, Entry, Local, Membership, Peer, Rejected};
 pub use mesh::{Mesh, MeshError, MeshOptions, check};
 pub use name::{InvalidNodeName, NodeName};
 pub use record::{NodeRecord, SignedRecord};
+pub use revoked_nodes::{REVOKED_NODES_FILE, RevokedNodes, RevokedNodesError};
 pub use shield::{
     HandshakeRates, InvalidService, ShieldError, ShieldOptions, ShieldService, unpin_shield,
 };
@@ -38,5 +41,5 @@ pub use signed::{DecodeError, Document, Signed};
 pub use signing::{InvalidSigningKey, SIGNING_KEY_FILE, SigningKey, SigningPublicKey};
 pub use store::{Section, Store, StoreError, StoreSpec, StoreSpecError, StoreWatch};
 pub use teardown::{TeardownError, teardown};
-pub use token::{JOIN_AUDIENCE, Join, JoinVerifier};
+pub use token::{JOIN_AUDIENCE, Join, JoinVerifier, NodeRevocation};
 pub use wireguard::{Mode as WireGuardMode, WireGuardError};

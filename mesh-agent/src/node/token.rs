@@ -17,12 +17,14 @@ use serde_json::json;
 
 use super::{NodeName, SigningPublicKey};
 use crate::identity::{
-    Audience, IssuerKey, KeyError, TokenError, TrustBundle, check_times, decode_json, system_time,
-    verify_signed,
+    Audience, IssuerKey, KeyError, MAX_TTL, TokenError, TrustBundle, check_times, decode_json,
+    system_time, verify_signed,
 };
 
 /// The audience of join tokens.
 pub const JOIN_AUDIENCE: &str = "mesh-join";
+/// The audience of node revocations.
+pub const REVOCATION_AUDIENCE: &str = "mesh-node-revocation";
 
 /// What a valid join token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +33,41 @@ pub struct Join {
     pub prefix: IpNet,
     /// The key the node signs its records with.
     pub node_key: SigningPublicKey,
+    pub issued_at: SystemTime,
     pub expires_at: SystemTime,
     pub jti: Option<String>,
+}
+
+/// The admin's word that every join token of `node` issued at or before
+/// `revoked_at` admits it no more. It lasts as long as the longest token
+/// it can concern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRevocation {
+    pub node: NodeName,
+    pub revoked_at: SystemTime,
+    pub expires_at: SystemTime,
+    pub reason: Option<String>,
+}
+
+impl NodeRevocation {
+    /// Whether it takes away what `join` grants.
+    pub fn revokes(&self, join: &Join) -> bool {
+        join.node == self.node && join.issued_at <= self.revoked_at
+    }
+}
+
+/// Signs the revocation of every join token of `node` issued until `now`.
+pub fn revoke(
+    key: &IssuerKey,
+    node: &NodeName,
+    reason: Option<&str>,
+    now: SystemTime,
+) -> Result<String, KeyError> {
+    let mut claims = json!({ "sub": node.as_str(), "aud": [REVOCATION_AUDIENCE] });
+    if let Some(reason) = reason {
+        claims["reason"] = reason.into();
+    }
+    key.sign(claims, MAX_TTL, now)
 }
 
 /// Signs a join token for `node`, holder of `node_key`, and `prefix` (which
@@ -74,6 +109,16 @@ struct Claims {
     jti: Option<String>,
     mesh_prefix: Option<String>,
     cnf: Option<Confirmation>,
+    reason: Option<String>,
+}
+
+/// The claims every admin-signed token of the mesh has, checked: signed by
+/// a key of the bundle, for `audience`, current.
+struct Checked {
+    node: NodeName,
+    issued_at: SystemTime,
+    expires_at: SystemTime,
+    claims: Claims,
 }
 
 /// RFC 7800's confirmation claim, with the key as a JWK.
@@ -96,20 +141,12 @@ impl JoinVerifier {
     /// The grant of a token, if it is signed by a key of the bundle, for
     /// the join audience, and current.
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<Join, TokenError> {
-        let signed = verify_signed(&self.bundle, token)?;
-        let claims: Claims = decode_json(signed.claims, "claim set")?;
-        let sub = claims.sub.ok_or(TokenError::MissingClaim("sub"))?;
-        let node: NodeName = sub.parse().map_err(|err| TokenError::InvalidClaim {
-            claim: "sub",
-            reason: format!("{err}"),
-        })?;
-        claims
-            .aud
-            .ok_or(TokenError::MissingClaim("aud"))?
-            .require(JOIN_AUDIENCE)?;
-        let exp = claims.exp.ok_or(TokenError::MissingClaim("exp"))?;
-        let iat = claims.iat.ok_or(TokenError::MissingClaim("iat"))?;
-        check_times(exp, iat, claims.nbf, now)?;
+        let Checked {
+            node,
+            issued_at,
+            expires_at,
+            claims,
+        } = self.check(token, JOIN_AUDIENCE, now)?;
         let text = claims
             .mesh_prefix
             .ok_or(TokenError::MissingClaim("mesh_prefix"))?;
@@ -135,8 +172,52 @@ impl JoinVerifier {
             node,
             prefix,
             node_key,
-            expires_at: system_time(exp, "exp")?,
+            issued_at,
+            expires_at,
             jti: claims.jti,
+        })
+    }
+
+    /// The revocation a token states, if it is signed by a key of the
+    /// bundle, for the revocation audience, and current.
+    pub fn verify_revocation(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<NodeRevocation, TokenError> {
+        let checked = self.check(token, REVOCATION_AUDIENCE, now)?;
+        Ok(NodeRevocation {
+            node: checked.node,
+            revoked_at: checked.issued_at,
+            expires_at: checked.expires_at,
+            reason: checked.claims.reason,
+        })
+    }
+
+    fn check(&self, token: &str, audience: &str, now: SystemTime) -> Result<Checked, TokenError> {
+        let signed = verify_signed(&self.bundle, token)?;
+        let mut claims: Claims = decode_json(signed.claims, "claim set")?;
+        let sub = claims
+            .sub
+            .as_deref()
+            .ok_or(TokenError::MissingClaim("sub"))?;
+        let node: NodeName = sub.parse().map_err(|err| TokenError::InvalidClaim {
+            claim: "sub",
+            reason: format!("{err}"),
+        })?;
+        claims
+            .aud
+            .take()
+            .ok_or(TokenError::MissingClaim("aud"))?
+            .require(audience)?;
+        let exp = claims.exp.ok_or(TokenError::MissingClaim("exp"))?;
+        let iat = claims.iat.ok_or(TokenError::MissingClaim("iat"))?;
+        check_times(exp, iat, claims.nbf, now)?;
+        Ok(Checked {
+            node,
+            issued_at: system_time(iat, "iat")?,
+            expires_at: system_time(exp, "exp")?,
+            claims,
         })
     }
 }
@@ -175,6 +256,44 @@ mod tests {
         assert_eq!(
             (join.node, join.prefix, join.node_key),
             (node, prefix, node_key)
+        );
+    }
+
+    #[test]
+    fn a_revocation_takes_tokens_issued_until_it_and_is_no_join_token() {
+        let key = key();
+        let verifier = verifier(&key);
+        let node: NodeName = "node-a".parse().unwrap();
+        let prefix: IpNet = "10.100.1.0/24".parse().unwrap();
+        let node_key = node_key();
+        let now = SystemTime::now();
+        let revocation = revoke(&key, &node, Some("stolen"), now).unwrap();
+        let revoked = verifier.verify_revocation(&revocation, now).unwrap();
+        assert_eq!(revoked.reason.as_deref(), Some("stolen"));
+        let join = |issued| {
+            let token = issue(&key, &node, prefix, &node_key, HOUR, issued).unwrap();
+            verifier
+                .verify(&token, now + Duration::from_secs(2))
+                .unwrap()
+        };
+        assert!(revoked.revokes(&join(now - HOUR / 2)));
+        assert!(
+            revoked.revokes(&join(now)),
+            "the same second is revoked too"
+        );
+        assert!(!revoked.revokes(&join(now + Duration::from_secs(2))));
+        // Neither passes for the other.
+        assert_eq!(
+            verifier.verify(&revocation, now).unwrap_err().reason(),
+            "wrong_audience"
+        );
+        let token = issue(&key, &node, prefix, &node_key, HOUR, now).unwrap();
+        assert_eq!(
+            verifier
+                .verify_revocation(&token, now)
+                .unwrap_err()
+                .reason(),
+            "wrong_audience"
         );
     }
 

@@ -1,7 +1,8 @@
 //! The directory store: one file per node, `NAME.json` (its revocations in
-//! `revocations/NAME.json`, its bindings in `bindings/NAME.json`), written by renaming a finished file into place
-//! and watched with inotify — one machine, a shared filesystem, or a folder
-//! kept in step by GitOps.
+//! `revocations/NAME.json`, its bindings in `bindings/NAME.json`, the
+//! admin's revocation of it in `revoked-nodes/NAME.json`), written by
+//! renaming a finished file into place and watched with inotify — one
+//! machine, a shared filesystem, or a folder kept in step by GitOps.
 
 use std::{
     fs, io,

@@ -84,7 +84,7 @@ impl EtcdStore {
                 Some(lease) => lease.id,
                 None => self.grant().await?,
             }),
-            Section::Revocations => PutOptions::new(),
+            Section::Revocations | Section::RevokedNodes => PutOptions::new(),
         };
         let put = self
             .client

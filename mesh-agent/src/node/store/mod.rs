@@ -120,10 +120,18 @@ pub enum Section {
     /// Each node's process bindings; on etcd, on the node's lease, as they
     /// grant what the record's node may send.
     Bindings,
+    /// The admin's revocations of nodes, by the revoked node's name; on
+    /// no lease.
+    RevokedNodes,
 }
 
 impl Section {
-    pub const ALL: [Self; 3] = [Self::Nodes, Self::Revocations, Self::Bindings];
+    pub const ALL: [Self; 4] = [
+        Self::Nodes,
+        Self::Revocations,
+        Self::Bindings,
+        Self::RevokedNodes,
+    ];
 
     /// The section's folder or key segment.
     pub fn name(self) -> &'static str {
@@ -131,6 +139,7 @@ impl Section {
             Self::Nodes => "nodes",
             Self::Revocations => "revocations",
             Self::Bindings => "bindings",
+            Self::RevokedNodes => "revoked-nodes",
         }
     }
 
@@ -138,7 +147,7 @@ impl Section {
     /// read as its first bytes past this, to be rejected, not skipped unseen.
     pub fn max_len(self) -> usize {
         match self {
-            Self::Nodes | Self::Revocations => MAX_DOCUMENT_LEN,
+            Self::Nodes | Self::Revocations | Self::RevokedNodes => MAX_DOCUMENT_LEN,
             Self::Bindings => MAX_BINDINGS_LEN,
         }
     }
