@@ -4,12 +4,14 @@
 //! on the same lease; its revocations under `PREFIX/revocations/NAME`, on
 //! no lease. Changes come through an etcd watch of `PREFIX/`.
 //!
-//! The client is given every member's endpoint and balances between them,
-//! so losing a member of the cluster loses nothing while a quorum stays.
-//! Every request has a deadline: a store that does not answer is a store
-//! that cannot be read, and changes nothing.
+//! The store keeps a client per member and fails over itself: a request
+//! that fails is tried on the next member, so losing a member of the
+//! cluster loses nothing while a quorum stays. (The etcd client's own
+//! balancing over all endpoints fails a request whenever it picks a member
+//! that is down.) Every request has a deadline: a store that does not
+//! answer is a store that cannot be read, and changes nothing.
 
-use std::{io, time::Duration};
+use std::{future::Future, io, time::Duration};
 
 use etcd_client::{
     Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions,
@@ -30,7 +32,10 @@ const MAX_RESPONSE_LEN: usize = 64 * 1024 * 1024;
 const DEADLINE: Duration = Duration::from_secs(3);
 
 pub struct EtcdStore {
-    client: Client,
+    /// One client per member, each talking to that member alone.
+    clients: Vec<Client>,
+    /// The member requests go to first.
+    current: usize,
     /// `PREFIX/`.
     prefix: String,
     /// For messages: the store as `--store` named it.
@@ -54,16 +59,22 @@ impl EtcdStore {
             // A member that went away is noticed by its silence.
             .with_keep_alive(Duration::from_secs(2), DEADLINE)
             .with_keep_alive_while_idle(true);
-        let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
-        let client = Client::connect(urls, Some(options))
-            .await
-            .map_err(|source| StoreError::Etcd {
-                what: "connect",
-                store: name.clone(),
-                source,
-            })?;
+        let mut clients = Vec::new();
+        for endpoint in endpoints {
+            // Connects at the first request: a member that is down now
+            // does not stop the start.
+            let client = Client::connect([format!("http://{endpoint}")], Some(options.clone()))
+                .await
+                .map_err(|source| StoreError::Etcd {
+                    what: "connect",
+                    store: name.clone(),
+                    source,
+                })?;
+            clients.push(client);
+        }
         Ok(Self {
-            client,
+            clients,
+            current: 0,
             prefix: format!("{prefix}/"),
             name,
             lease: None,
@@ -86,16 +97,18 @@ impl EtcdStore {
             }),
             Section::Revocations | Section::RevokedNodes => PutOptions::new(),
         };
+        let key = self.key(section, name.as_str());
         let put = self
-            .client
-            .put(self.key(section, name.as_str()), bytes, Some(options))
+            .failover("write the record", |mut client| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { client.put(key, bytes, Some(options)).await }
+            })
             .await;
-        if let Err(source) = put {
+        if put.is_err() {
             // Perhaps the lease is gone: the next publish takes a new one.
             self.lease = None;
-            return Err(self.error("write the record", source));
         }
-        Ok(())
+        put.map(drop)
     }
 
     /// Every entry of `section`.
@@ -103,15 +116,20 @@ impl EtcdStore {
         let limit = i64::try_from(MAX_ENTRIES).expect("a small number");
         let prefix = self.key(section, "");
         let response = self
-            .client
-            .kv_client()
-            .max_decoding_message_size(MAX_RESPONSE_LEN)
-            .get(
-                prefix.as_bytes(),
-                Some(GetOptions::new().with_prefix().with_limit(limit)),
-            )
-            .await
-            .map_err(|source| self.error("read the records", source))?;
+            .failover("read the records", |client| {
+                let prefix = prefix.clone();
+                async move {
+                    client
+                        .kv_client()
+                        .max_decoding_message_size(MAX_RESPONSE_LEN)
+                        .get(
+                            prefix.as_bytes(),
+                            Some(GetOptions::new().with_prefix().with_limit(limit)),
+                        )
+                        .await
+                }
+            })
+            .await?;
         if response.more() {
             return Err(StoreError::TooMany {
                 store: self.name.clone(),
@@ -135,14 +153,17 @@ impl EtcdStore {
     /// compacted, say) ends with an error, and is set up again by the
     /// caller.
     pub async fn watch(&mut self) -> Result<StoreWatch, StoreError> {
+        let prefix = self.prefix.clone();
         let stream = self
-            .client
-            .watch(
-                self.prefix.as_bytes(),
-                Some(WatchOptions::new().with_prefix()),
-            )
-            .await
-            .map_err(|source| self.error("watch the records", source))?;
+            .failover("watch the records", |mut client| {
+                let prefix = prefix.clone();
+                async move {
+                    client
+                        .watch(prefix.as_bytes(), Some(WatchOptions::new().with_prefix()))
+                        .await
+                }
+            })
+            .await?;
         Ok(StoreWatch::new(
             stream
                 .map(|response| match response {
@@ -185,23 +206,40 @@ impl EtcdStore {
 
     async fn grant(&mut self) -> Result<i64, StoreError> {
         let ttl = i64::try_from(LEASE_TTL.as_secs()).expect("a small number");
-        let id = self
-            .client
-            .lease_grant(ttl, None)
-            .await
-            .map_err(|source| self.error("grant a lease", source))?
-            .id();
-        let (keeper, responses) = self
-            .client
-            .lease_keep_alive(id)
-            .await
-            .map_err(|source| self.error("keep the lease alive", source))?;
+        // Granted and kept alive through the same member.
+        let (id, (keeper, responses)) = self
+            .failover("grant a lease", |mut client| async move {
+                let id = client.lease_grant(ttl, None).await?.id();
+                Ok((id, client.lease_keep_alive(id).await?))
+            })
+            .await?;
         self.lease = Some(Lease {
             id,
             keeper,
             responses,
         });
         Ok(id)
+    }
+
+    /// `request` through the current member's client, and through each
+    /// other member's in turn while it fails; the member that answered is
+    /// the current one from then on.
+    async fn failover<T, F, R>(&mut self, what: &'static str, request: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> R,
+        R: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut failure = None;
+        for _ in 0..self.clients.len() {
+            match request(self.clients[self.current].clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(source) => {
+                    failure = Some(source);
+                    self.current = (self.current + 1) % self.clients.len();
+                }
+            }
+        }
+        Err(self.error(what, failure.expect("a store has at least one member")))
     }
 
     /// `PREFIX/SECTION/NAME`.
