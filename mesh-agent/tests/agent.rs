@@ -10,7 +10,10 @@ use std::{
 };
 
 use mesh_agent::agent::AgentStatus;
-use mesh_tests::{BpfFs, CLIENT, ClientServer, NetNs, SERVER, require_root, udp_delivered};
+use mesh_tests::{
+    BpfFs, CLIENT, ClientServer, METRICS, NetNs, SERVER, http_get, require_root, sample,
+    udp_delivered,
+};
 
 const PACKETS: usize = 10;
 const PATIENCE: Duration = Duration::from_millis(500);
@@ -379,36 +382,6 @@ fn startup_errors_say_what_to_do() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// GET `path` from the agent's metrics listener, inside the node's
-/// namespace; the body.
-fn http_get(ns: &NetNs, addr: &str, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let addr = addr.to_owned();
-    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
-    let response = ns.enter(move || -> std::io::Result<String> {
-        let mut stream = std::net::TcpStream::connect(addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    })??;
-    Ok(response)
-}
-
-/// The value of the one sample of `metric` whose labels include all of
-/// `labels` (`name="value"` each).
-fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|line| {
-            line.starts_with(&format!("{metric}{{")) || line.starts_with(&format!("{metric} "))
-        })
-        .find(|line| labels.iter().all(|label| line.contains(label)))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
-const METRICS: &str = "127.0.0.1:9464";
 const CLIENT_ID: &str = r#"source="spiffe://acme.internal/agent/client""#;
 
 #[test]

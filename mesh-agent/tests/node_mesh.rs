@@ -44,7 +44,10 @@ use mesh_agent::{
     },
     policy::SpiffeId,
 };
-use mesh_tests::{BpfFs, NetNs, VethEnd, require_root, tcp_echo_server, tcp_echo_works, veth_pair};
+use mesh_tests::{
+    BpfFs, METRICS, NetNs, VethEnd, http_get, require_root, tcp_echo_server, tcp_echo_works,
+    veth_pair,
+};
 
 const MESH: &str = "198.18.0.0/16";
 const PORT: u16 = 51820;
@@ -342,16 +345,7 @@ impl Node {
 
     /// GET `path` from the agent's metrics server, in its namespace.
     fn http(&self, path: &str) -> Result<String> {
-        self.ns.enter(|| -> Result<String> {
-            let mut stream = TcpStream::connect_timeout(&"127.0.0.1:9464".parse()?, PATIENCE)?;
-            stream.set_read_timeout(Some(PATIENCE))?;
-            // One write: the server answers the first segment it reads.
-            let request = format!("GET {path} HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n");
-            stream.write_all(request.as_bytes())?;
-            let mut answer = String::new();
-            stream.read_to_string(&mut answer)?;
-            Ok(answer)
-        })?
+        http_get(&self.ns, METRICS, path)
     }
 
     /// The value of the metric line that starts with `series`.

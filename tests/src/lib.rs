@@ -351,3 +351,35 @@ pub fn tcp_echo_works(
     let mut buf = [0u8; 5];
     Ok(stream.read_exact(&mut buf).is_ok() && &buf == b"hello")
 }
+
+/// Where `mesh-agent run` serves its metrics unless told otherwise.
+pub const METRICS: &str = "127.0.0.1:9464";
+
+/// GET `path` from the HTTP server at `addr` (an agent's metrics
+/// listener), inside `ns`; the whole response, status line first.
+pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> Result<String> {
+    let addr = addr.to_owned();
+    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+    let response = ns.enter(move || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        // One write: the server answers the first segment it reads.
+        stream.write_all(request.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })??;
+    Ok(response)
+}
+
+/// The value of the one sample of `metric` whose labels include all of
+/// `labels` (`name="value"` each).
+pub fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{metric}{{")) || line.starts_with(&format!("{metric} "))
+        })
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}

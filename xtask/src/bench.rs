@@ -19,6 +19,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let results = release.with_file_name("bench").join("results.json");
     let mut bench = Command::new(release.join("mesh-bench"));
     bench.env("MESH_AGENT", release.join("mesh-agent"));
+    bench.env("MESH_WIREGUARD_USERSPACE", setup::boringtun_path());
     if options.quick {
         bench.arg("--quick");
     }

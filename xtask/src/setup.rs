@@ -177,10 +177,15 @@ fn rust_src(sysroot: &Path) -> anyhow::Result<()> {
     .context("could not install rust-src for the nightly toolchain")
 }
 
+/// Where `setup` installs boringtun-cli.
+pub fn boringtun_path() -> PathBuf {
+    workspace_root().join("target/tools/bin/boringtun-cli")
+}
+
 /// boringtun-cli into `target/tools/bin`, pinned and locked like bpf-linker.
 fn boringtun() -> anyhow::Result<()> {
     let tools = workspace_root().join("target/tools");
-    let binary = tools.join("bin/boringtun-cli");
+    let binary = boringtun_path();
     let version = output(Command::new(&binary).arg("--version"));
     if version
         .as_deref()

@@ -1,19 +1,23 @@
 //! The benchmarks behind `cargo xtask bench`: per-packet cost with
 //! BPF_PROG_TEST_RUN, drop throughput on a veth pair against nftables, policy
-//! apply times and memory. docs/performance.md describes the method.
+//! apply times, memory, and the traffic pause of a key rotation between two
+//! nodes. docs/performance.md describes the method.
 //!
 //! `mesh-bench [--quick] RESULTS_JSON` prints a table on stdout, progress on
 //! stderr, and writes the figures to RESULTS_JSON. `MESH_AGENT` names the
-//! mesh-agent binary (xtask builds it and sets it). Needs root.
+//! mesh-agent binary (xtask builds it and sets it); `MESH_WIREGUARD_USERSPACE`,
+//! if set, the userspace WireGuard the nodes use where the kernel has none
+//! (xtask sets it to the boringtun-cli that setup installs). Needs root.
 
 use std::{
     collections::HashSet,
     fmt::Write as _,
-    fs,
-    net::{Ipv4Addr, SocketAddr},
+    fs, iter,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
     process::{Child, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -28,9 +32,9 @@ use mesh_agent::{
 };
 use mesh_common::programs;
 use mesh_tests::{
-    BpfFs, NetNs, VethEnd,
+    BpfFs, METRICS, NetNs, VethEnd, http_get,
     packet::{Packet, TCP_ACK, TCP_SYN},
-    tcp_echo_server, tcp_echo_works, veth_pair,
+    sample, tcp_echo_server, tcp_echo_works, veth_pair,
 };
 use serde_json::json;
 
@@ -138,6 +142,7 @@ fn main() -> anyhow::Result<()> {
         std::env::var_os("MESH_AGENT")
             .context("MESH_AGENT must name the mesh-agent binary (`cargo xtask bench` sets it)")?,
     );
+    let wireguard = std::env::var_os("MESH_WIREGUARD_USERSPACE").map(PathBuf::from);
     let plan = if quick { &QUICK } else { &FULL };
     let machine = machine();
     step(&format!("machine: {machine}"));
@@ -148,6 +153,7 @@ fn main() -> anyhow::Result<()> {
     apply(plan, &mut results)?;
     throughput(plan, &mut results)?;
     agent(&mesh_agent, &mut results)?;
+    rotation(&mesh_agent, wireguard.as_deref(), &mut results)?;
 
     print_table(&machine, &results);
     print_goals(plan, &results);
@@ -868,14 +874,406 @@ fn memory(results: &mut Results) -> anyhow::Result<()> {
 }
 
 fn wait_for_agent(state: &Path, ready: impl Fn(&AgentStatus) -> bool) -> anyhow::Result<()> {
+    wait_until("mesh-agent to apply its policy", || {
+        Ok(AgentStatus::read(state).is_ok_and(|status| ready(&status)))
+    })
+}
+
+/// Polls `done` every 10 ms until it holds, for at most a minute; an error
+/// from it ends the wait.
+fn wait_until(what: &str, mut done: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if AgentStatus::read(state).is_ok_and(|status| ready(&status)) {
+        if done()? {
             return Ok(());
         }
         thread::sleep(Duration::from_millis(10));
     }
-    bail!("mesh-agent did not apply its policy within 60 seconds")
+    bail!("timed out after 60 seconds waiting for {what}")
+}
+
+// ------------------------------------------------------------ key rotation
+
+/// The nodes' underlay addresses, on a veth pair, and WireGuard's port.
+const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const WIREGUARD_PORT: u16 = 51820;
+const MESH_RANGE: &str = "198.18.0.0/16";
+const PREFIX_A: &str = "198.18.1.0/24";
+const PREFIX_B: &str = "198.18.2.0/24";
+/// A node's mesh interface gets the first address of its prefix: the
+/// prober sends from node A's, the echo answers on node B's.
+const PROBER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const ECHO: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, 1), 7000));
+/// One probe this often: the resolution of the rotation figures.
+const PROBE_INTERVAL: Duration = Duration::from_millis(2);
+/// The length of the baseline's window and of the rotation's, which starts
+/// `ROTATION_AT` into its window.
+const PROBE_WINDOW: Duration = Duration::from_secs(3);
+const ROTATION_AT: Duration = Duration::from_secs(1);
+/// An answer up to this long after its window's end still counts as one
+/// (though not in the window's gaps).
+const PROBE_GRACE: Duration = Duration::from_millis(200);
+
+/// Two nodes joined by `mesh-agent run` over a veth pair; node A's agent
+/// address sends a numbered UDP probe to an echo on node B every
+/// `PROBE_INTERVAL`. The longest time without an answer and the probes
+/// lost, over a window without a rotation and an equal one across
+/// `mesh-agent node rotate-key` on node B.
+fn rotation(
+    mesh_agent: &Path,
+    wireguard: Option<&Path>,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    step("a WireGuard key rotation between two nodes: the pause in a stream of UDP echoes");
+    let mesh = Mesh::new(mesh_agent, wireguard)?;
+    let (ns_a, ns_b) = (NetNs::new()?, NetNs::new()?);
+    veth_pair(
+        &VethEnd {
+            ns: &ns_a,
+            name: "under-a",
+            addr: UNDERLAY_A,
+        },
+        &VethEnd {
+            ns: &ns_b,
+            name: "under-b",
+            addr: UNDERLAY_B,
+        },
+    )?;
+    let mut a = mesh.join(ns_a, "node-a", PREFIX_A, UNDERLAY_A)?;
+    let mut b = mesh.join(ns_b, "node-b", PREFIX_B, UNDERLAY_B)?;
+    for node in [&mut a, &mut b] {
+        node.wait_until("the other node to be a peer", |ns| {
+            metric(ns, "mesh_node_peers") == Some(1.0)
+        })?;
+    }
+    let tunnel = if a
+        .ns
+        .ip(&["-d", "link", "show", "mesh0"])?
+        .contains("wireguard")
+    {
+        "kernel WireGuard"
+    } else {
+        "userspace WireGuard"
+    };
+    step(&format!(
+        "probing through {tunnel} every {PROBE_INTERVAL:?}: {PROBE_WINDOW:?} without a rotation, then {PROBE_WINDOW:?} across one"
+    ));
+
+    let echo = b.ns.enter(|| UdpSocket::bind(ECHO))??;
+    echo.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let mut prober = Prober::new(&a.ns)?;
+    let stop = AtomicBool::new(false);
+    let (baseline, rotated) = thread::scope(|scope| {
+        scope.spawn(|| serve_echo(&echo, &stop));
+        let measured = probe_rotation(&mesh, &mut a, &mut b, &mut prober);
+        stop.store(true, Ordering::Relaxed);
+        measured
+    })?;
+
+    let ms = |gap: Duration| gap.as_secs_f64() * 1000.0;
+    let (gap, pause) = (baseline.longest_gap(), rotated.longest_gap());
+    results.add("rotation.baseline.gap.ms", ms(gap), "ms", None);
+    let lost = f64::from(baseline.lost());
+    results.add("rotation.baseline.lost.probes", lost, "probes", None);
+    results.add("rotation.pause.ms", ms(pause), "ms", None);
+    let lost = f64::from(rotated.lost());
+    results.add("rotation.lost.probes", lost, "probes", None);
+    let ratio = pause.as_secs_f64() / gap.as_secs_f64();
+    results.add("rotation.pause.ratio", ratio, "×", None);
+    Ok(())
+}
+
+/// The baseline window, then the window across node B's rotation, which B
+/// must count and A follow within it.
+fn probe_rotation(
+    mesh: &Mesh,
+    a: &mut MeshNode,
+    b: &mut MeshNode,
+    prober: &mut Prober,
+) -> anyhow::Result<(Window, Window)> {
+    // The first probes bring about the first handshake.
+    a.wait_until("an answer through the tunnel", |_| {
+        prober
+            .window(Duration::from_millis(100))
+            .is_ok_and(|window| window.answered > 0)
+    })?;
+    let baseline = prober.window(PROBE_WINDOW)?;
+    let (rotated, counted) = thread::scope(|scope| -> anyhow::Result<_> {
+        let probing = scope.spawn(|| prober.window(PROBE_WINDOW));
+        thread::sleep(ROTATION_AT);
+        let state = b.state.path().to_string_lossy().into_owned();
+        mesh.cli(&["node", "rotate-key", "--state-dir", &state])?;
+        b.wait_until("node B to count the rotation", |ns| {
+            metric(ns, "mesh_node_key_rotations_total") == Some(1.0)
+        })?;
+        let counted = Instant::now();
+        let rotated = probing
+            .join()
+            .map_err(|_| anyhow!("the prober panicked"))??;
+        Ok((rotated, counted))
+    })?;
+    // B's new key ends the old sessions: answers after it took the key
+    // come through a handshake with A, which needs A to have followed.
+    ensure!(
+        rotated.arrivals.last().is_some_and(|&last| last > counted),
+        "no answer within the window after node B rotated its key; node A's log:\n{}",
+        a.log()
+    );
+    ensure!(
+        metric(&a.ns, "mesh_node_peers") == Some(1.0),
+        "node A lost its peer"
+    );
+    Ok((baseline, rotated))
+}
+
+/// Both nodes' policy: the prober may reach the echo.
+fn rotation_policy() -> String {
+    let (echo, port) = (ECHO.ip(), ECHO.port());
+    format!(
+        "version = 1\ntrust_domain = \"bench\"\n\n\
+         [[identity]]\nid = \"spiffe://bench/prober\"\naddresses = [\"{PROBER}/32\"]\n\n\
+         [[service]]\nname = \"echo\"\naddresses = [\"{echo}/32\"]\nports = [\"{port}/udp\"]\n\n\
+         [[grant]]\nfrom = [\"spiffe://bench/prober\"]\nto = [\"echo\"]\nports = [\"{port}/udp\"]\n"
+    )
+}
+
+/// What the nodes share: the programs, and a folder with the admin key and
+/// its bundle, the policy and the directory store.
+struct Mesh<'a> {
+    mesh_agent: &'a Path,
+    /// `--wireguard-userspace`, if not the agent's default.
+    wireguard: Option<&'a Path>,
+    dir: tempfile::TempDir,
+}
+
+impl<'a> Mesh<'a> {
+    fn new(mesh_agent: &'a Path, wireguard: Option<&'a Path>) -> anyhow::Result<Self> {
+        let mesh = Self {
+            mesh_agent,
+            wireguard,
+            dir: tempfile::Builder::new().prefix("mesh-bench-").tempdir()?,
+        };
+        let admin = mesh.dir.path().join("admin");
+        mesh.cli(&["token", "keygen", "--out", &admin.to_string_lossy()])?;
+        fs::create_dir(mesh.dir.path().join("store"))?;
+        fs::write(mesh.dir.path().join("policy.toml"), rotation_policy())?;
+        Ok(mesh)
+    }
+
+    /// `mesh-agent ARGS`, which must succeed; what it prints.
+    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        mesh_tests::run(&self.mesh_agent.to_string_lossy(), args)
+    }
+
+    /// `mesh-agent run` in `ns`, joining as `name` with a join token for
+    /// `prefix`, its WireGuard on `underlay`; its log goes to its state
+    /// folder.
+    fn join(
+        &self,
+        ns: NetNs,
+        name: &str,
+        prefix: &str,
+        underlay: Ipv4Addr,
+    ) -> anyhow::Result<MeshNode> {
+        let state = tempfile::Builder::new().prefix("mesh-bench-").tempdir()?;
+        let state_dir = state.path().to_string_lossy().into_owned();
+        let node_key = self.cli(&["node", "key", "--state-dir", &state_dir])?;
+        let admin_key = self.dir.path().join("admin/issuer.jwk");
+        let token = self.cli(&[
+            "node",
+            "token",
+            "issue",
+            "--key",
+            &admin_key.to_string_lossy(),
+            "--node",
+            name,
+            "--prefix",
+            prefix,
+            "--node-key",
+            node_key.trim(),
+            "--ttl",
+            "1h",
+        ])?;
+        let token_file = state.path().join("join.token");
+        fs::write(&token_file, token)?;
+        let bpffs = BpfFs::mount()?;
+        let mut command = ns.command(self.mesh_agent)?;
+        command
+            .arg("run")
+            .arg("--policy")
+            .arg(self.dir.path().join("policy.toml"))
+            .arg("--join-token")
+            .arg(&token_file)
+            .arg("--store")
+            .arg(self.dir.path().join("store"))
+            .arg("--mesh-bundle")
+            .arg(self.dir.path().join("admin/bundle.json"))
+            .arg(format!("--endpoint={underlay}:{WIREGUARD_PORT}"))
+            .arg(format!("--mesh-range={MESH_RANGE}"))
+            .arg("--bpffs")
+            .arg(bpffs.path().join("mesh"))
+            .arg("--state-dir")
+            .arg(state.path())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(state.path().join("agent.log"))?);
+        if let Some(program) = self.wireguard {
+            command.arg("--wireguard-userspace").arg(program);
+        }
+        let agent = Running(command.spawn().context("starting mesh-agent")?);
+        Ok(MeshNode {
+            agent,
+            ns,
+            state,
+            _bpffs: bpffs,
+        })
+    }
+}
+
+/// A node of the mesh: `mesh-agent run` in its namespace, and its folders.
+/// Fields drop in order: the agent goes before its namespace.
+struct MeshNode {
+    agent: Running,
+    ns: NetNs,
+    state: tempfile::TempDir,
+    _bpffs: BpfFs,
+}
+
+impl MeshNode {
+    fn log(&self) -> String {
+        fs::read_to_string(self.state.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Waits until `done` holds, given the node's namespace; fails with the
+    /// agent's log if the agent exits first.
+    fn wait_until(
+        &mut self,
+        what: &str,
+        mut done: impl FnMut(&NetNs) -> bool,
+    ) -> anyhow::Result<()> {
+        let Self { agent, ns, .. } = self;
+        wait_until(what, || {
+            if let Some(status) = agent.0.try_wait()? {
+                bail!("mesh-agent exited ({status})");
+            }
+            Ok(done(ns))
+        })
+        .with_context(|| format!("mesh-agent's log:\n{}", self.log()))
+    }
+}
+
+/// The value of the unlabelled metric `name` of the agent in `ns`, if it
+/// answers.
+fn metric(ns: &NetNs, name: &str) -> Option<f64> {
+    sample(&http_get(ns, METRICS, "/metrics").ok()?, name, &[])
+}
+
+/// Sends every datagram back where it came from, until `stop`.
+fn serve_echo(socket: &UdpSocket, stop: &AtomicBool) {
+    let mut buf = [0u8; 64];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            // An echo that cannot be sent is a probe lost.
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    }
+}
+
+/// Numbered probes to the echo. Each window's numbers follow the last
+/// window's, so a late answer counts for its own window only.
+struct Prober {
+    socket: UdpSocket,
+    next: u32,
+}
+
+/// What one window of probes saw.
+struct Window {
+    start: Instant,
+    end: Instant,
+    sent: u32,
+    answered: u32,
+    /// When answers arrived within the window, in order.
+    arrivals: Vec<Instant>,
+}
+
+impl Prober {
+    fn new(ns: &NetNs) -> anyhow::Result<Self> {
+        // Unconnected: on a connected socket, an ICMP error about one probe
+        // would fail a later call.
+        let socket = ns.enter(|| UdpSocket::bind((PROBER, 0)))??;
+        Ok(Self { socket, next: 0 })
+    }
+
+    /// Sends a probe every `PROBE_INTERVAL` for `length`, and takes answers
+    /// until `PROBE_GRACE` after.
+    fn window(&mut self, length: Duration) -> anyhow::Result<Window> {
+        let first = self.next;
+        let start = Instant::now();
+        let (end, last_call) = (start + length, start + length + PROBE_GRACE);
+        let mut window = Window {
+            start,
+            end,
+            sent: 0,
+            answered: 0,
+            arrivals: Vec::new(),
+        };
+        let mut buf = [0u8; 4];
+        loop {
+            let now = Instant::now();
+            let due = start + PROBE_INTERVAL * window.sent;
+            if now < end && now >= due {
+                self.socket.send_to(&self.next.to_be_bytes(), ECHO)?;
+                self.next += 1;
+                window.sent += 1;
+                continue;
+            }
+            if now >= last_call {
+                return Ok(window);
+            }
+            let wake = if now < end { due } else { last_call };
+            // A zero timeout would mean none at all.
+            let timeout = (wake - now).max(Duration::from_micros(10));
+            self.socket.set_read_timeout(Some(timeout))?;
+            match self.socket.recv_from(&mut buf) {
+                Ok((4, from)) if from == ECHO => {
+                    if (first..self.next).contains(&u32::from_be_bytes(buf)) {
+                        window.answered += 1;
+                        let arrived = Instant::now();
+                        if arrived < end {
+                            window.arrivals.push(arrived);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+}
+
+impl Window {
+    /// The longest time without an answer, from the window's start to its
+    /// end.
+    fn longest_gap(&self) -> Duration {
+        let edges: Vec<Instant> = iter::once(self.start)
+            .chain(self.arrivals.iter().copied())
+            .chain(iter::once(self.end))
+            .collect();
+        edges
+            .windows(2)
+            .map(|pair| pair[1] - pair[0])
+            .max()
+            .unwrap_or_default()
+    }
+
+    fn lost(&self) -> u32 {
+        self.sent - self.answered
+    }
 }
 
 // ------------------------------------------------------------------ output
