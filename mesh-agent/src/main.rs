@@ -338,8 +338,10 @@ struct MeshArgs {
     /// everything else is dropped.
     #[arg(long, value_name = "IFACE")]
     underlay: Option<String>,
-    /// A host service the shield admits (repeat): tcp/PORT, udp/PORT or
-    /// icmp, with @CIDR for its sources (tcp/22@10.0.0.0/8).
+    /// What else the shield admits (repeat): a host service, tcp/PORT,
+    /// udp/PORT or icmp, or the answers of a UDP server the host asks,
+    /// udp-from/PORT; with @CIDR for the sources (tcp/22@10.0.0.0/8,
+    /// udp-from/53@10.0.0.2/32).
     #[arg(long = "underlay-allow", value_name = "SERVICE", requires = "underlay")]
     underlay_allow: Vec<node::ShieldService>,
     /// Packets to the WireGuard port the shield admits per second from

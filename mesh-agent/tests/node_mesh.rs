@@ -1115,6 +1115,7 @@ fn the_underlay_shield_admits_peers_and_services_and_drops_the_rest() -> Result<
         command.args([
             "--underlay=under-a",
             "--underlay-allow=tcp/2222@192.0.2.0/24",
+            "--underlay-allow=udp-from/5353@192.0.2.2/32",
             "--handshake-rate=5",
             "--handshake-rate-total=50",
         ]);
@@ -1165,6 +1166,22 @@ fn the_underlay_shield_admits_peers_and_services_and_drops_the_rest() -> Result<
         shield(&a, "drop", "other")? > 0.0,
         "no dropped packet counted"
     );
+
+    // UDP answers from the server A named (B's port 5353) reach A's
+    // socket; from another port of B they do not.
+    let answers = a.ns.enter(|| -> Result<std::net::UdpSocket> {
+        let socket = std::net::UdpSocket::bind("192.0.2.1:0")?;
+        socket.set_read_timeout(Some(PATIENCE))?;
+        Ok(socket)
+    })??;
+    let to_a = answers.local_addr()?;
+    let answer_from = |port: u16| -> Result<bool> {
+        b.ns.enter(|| std::net::UdpSocket::bind(("192.0.2.2", port))?.send_to(b"answer", to_a))??;
+        let mut buf = [0u8; 16];
+        Ok(answers.recv(&mut buf).is_ok())
+    };
+    ensure!(answer_from(5353)?, "the named server's answer was dropped");
+    ensure!(!answer_from(5354)?, "an answer from another port passed");
 
     // A flood at the WireGuard port from a source that is no peer: about
     // a burst's worth (twice the rate) gets through, the rest is dropped.

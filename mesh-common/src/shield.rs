@@ -92,7 +92,7 @@ pub type ShieldAddr = [u8; 16];
 /// (mapped), the /48 of an IPv6 one; the rest zero.
 pub type SubnetKey = [u8; 16];
 
-/// The data of a [`maps::SERVICES`] LPM key: protocol and destination port
+/// The data of a [`maps::SERVICES`] LPM key: protocol, side and port
 /// always match (their 32 bits count first in the prefix length), then the
 /// source address by its prefix.
 #[repr(C)]
@@ -100,12 +100,23 @@ pub type SubnetKey = [u8; 16];
 pub struct ServiceKey {
     /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6).
     pub protocol: u8,
-    pub _pad: u8,
-    /// Destination port, network order; 0 for ICMP.
+    /// [`side::HOST`]: `port` is the host's, a service it offers;
+    /// [`side::SERVER`]: `port` is the source's, a server whose answers
+    /// the host takes (UDP, which has no handshake to recognise them by).
+    pub side: u8,
+    /// The port, network order; 0 for ICMP.
     pub port_be: u16,
     pub source: ShieldAddr,
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+
+/// Which end of a packet a [`ServiceKey`]'s port is.
+pub mod side {
+    /// The destination's: a service of the host.
+    pub const HOST: u8 = 0;
+    /// The source's: a server whose answers the host takes.
+    pub const SERVER: u8 = 1;
+}
 
 /// Prefix bits of a [`ServiceKey`] before the source address.
 pub const SERVICE_KEY_FIXED_BITS: u32 = 32;

@@ -21,7 +21,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use mesh_common::shield::{
-    Rate, SERVICE_KEY_FIXED_BITS, ServiceKey, ShieldAddr, ShieldConfig, SubnetKey, capacity, reason,
+    Rate, SERVICE_KEY_FIXED_BITS, ServiceKey, ShieldAddr, ShieldConfig, SubnetKey, capacity,
+    reason, side,
 };
 use parse::{IPPROTO_TCP, IPPROTO_UDP, Kind, Packet, Parsed};
 
@@ -101,19 +102,32 @@ fn judge(ctx: &XdpContext) -> u32 {
     } else {
         0
     };
-    let key = ServiceKey {
-        protocol: packet.proto,
-        _pad: 0,
-        port_be: port.to_be(),
-        source: packet.src,
-    };
-    if SHIELD_SERVICES
-        .get(Key::new(SERVICE_KEY_FIXED_BITS + 128, key))
-        .is_some()
+    if admitted(packet.proto, side::HOST, port, &packet.src) {
+        return reason::SERVICE;
+    }
+    // An answer of a server the host asks over UDP: DNS, NTP.
+    if packet.proto == IPPROTO_UDP
+        && packet.kind == Kind::Ports
+        && admitted(packet.proto, side::SERVER, packet.sport, &packet.src)
     {
         return reason::SERVICE;
     }
     reason::DROPPED
+}
+
+/// Whether `SHIELD_SERVICES` admits `protocol` with `port` on `side` from
+/// `source`.
+#[inline(always)]
+fn admitted(protocol: u8, side: u8, port: u16, source: &ShieldAddr) -> bool {
+    let key = ServiceKey {
+        protocol,
+        side,
+        port_be: port.to_be(),
+        source: *source,
+    };
+    SHIELD_SERVICES
+        .get(Key::new(SERVICE_KEY_FIXED_BITS + 128, key))
+        .is_some()
 }
 
 /// Whether a packet from `src` to the WireGuard port is within the rates of

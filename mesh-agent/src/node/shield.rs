@@ -31,7 +31,7 @@ use aya::{
 use ipnet::IpNet;
 use mesh_common::shield::{
     PROGRAM, Rate, SERVICE_KEY_FIXED_BITS, ServiceKey, ShieldAddr, ShieldConfig, mapped_v4, maps,
-    reason,
+    reason, side,
 };
 use prometheus::{
     IntCounterVec, Opts,
@@ -46,19 +46,23 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shield"));
 
-/// A host service the shield admits: `PROTO/PORT[@CIDR]`, or `icmp[@CIDR]`
-/// (echo requests), from anywhere without `@CIDR`.
+/// What the shield admits besides WireGuard: a host service,
+/// `PROTO/PORT[@CIDR]` or `icmp[@CIDR]` (echo requests), or the answers of
+/// UDP servers the host asks, `udp-from/PORT[@CIDR]` (DNS, NTP); from
+/// anywhere without `@CIDR`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShieldService {
     protocol: u8,
+    /// [`side::HOST`] or [`side::SERVER`]: whose port `port` is.
+    side: u8,
     port: u16,
     source: IpNet,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "`{0}` is not a service: expected tcp/PORT, udp/PORT or icmp, then @CIDR for the sources \
-     (tcp/22@10.0.0.0/8)"
+    "`{0}` is not a service: expected tcp/PORT, udp/PORT, icmp or udp-from/PORT (a server's \
+     answers), then @CIDR for the sources (tcp/22@10.0.0.0/8, udp-from/53@10.0.0.2/32)"
 )]
 pub struct InvalidService(String);
 
@@ -71,10 +75,11 @@ impl FromStr for ShieldService {
             Some((service, source)) => (service, source.parse().map_err(|_| invalid())?),
             None => (text, IpNet::V6(Default::default())),
         };
-        let (protocol, port) = match service.split_once('/') {
-            Some(("tcp", port)) => (6, port.parse().map_err(|_| invalid())?),
-            Some(("udp", port)) => (17, port.parse().map_err(|_| invalid())?),
-            None if service == "icmp" => (1, 0),
+        let (protocol, side, port) = match service.split_once('/') {
+            Some(("tcp", port)) => (6, side::HOST, port.parse().map_err(|_| invalid())?),
+            Some(("udp", port)) => (17, side::HOST, port.parse().map_err(|_| invalid())?),
+            Some(("udp-from", port)) => (17, side::SERVER, port.parse().map_err(|_| invalid())?),
+            None if service == "icmp" => (1, side::HOST, 0),
             _ => return Err(invalid()),
         };
         if port == 0 && protocol != 1 {
@@ -82,6 +87,7 @@ impl FromStr for ShieldService {
         }
         Ok(Self {
             protocol,
+            side,
             port,
             source,
         })
@@ -115,7 +121,7 @@ impl ShieldService {
                     SERVICE_KEY_FIXED_BITS + bits,
                     ServiceKey {
                         protocol,
-                        _pad: 0,
+                        side: self.side,
                         port_be: self.port.to_be(),
                         source,
                     },
@@ -501,6 +507,14 @@ mod tests {
         assert_eq!(key.data().port_be, 22u16.to_be());
         // Anywhere: both families; ICMP: ICMPv6 too.
         assert_eq!("udp/53".parse::<ShieldService>().unwrap().keys().len(), 2);
+        // A server's answers: its port, the source's.
+        let dns: ShieldService = "udp-from/53@10.0.0.2/32".parse().unwrap();
+        let key = dns.keys()[0].data();
+        assert_eq!(
+            (key.protocol, key.side, key.port_be),
+            (17, side::SERVER, 53u16.to_be())
+        );
+        assert_eq!(ssh.keys()[0].data().side, side::HOST);
         assert_eq!("icmp".parse::<ShieldService>().unwrap().keys().len(), 4);
         for bad in [
             "tcp",
@@ -509,6 +523,8 @@ mod tests {
             "tcp/22@",
             "tcp/22@10.0.0.1",
             "icmp/1",
+            "udp-from/0",
+            "tcp-from/53",
         ] {
             assert!(bad.parse::<ShieldService>().is_err(), "{bad}");
         }
