@@ -17,7 +17,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
 use ipnet::IpNet;
 
 use super::{
-    Join, JoinVerifier, NodeName, NodeRecord, PublicKey, RevokedNodes, SignedRecord,
+    Join, JoinVerifier, NodeName, NodeRecord, PublicKey, RevokedNodes, Sequences, SignedRecord,
     SigningPublicKey,
 };
 
@@ -71,6 +71,8 @@ pub struct Checker {
     verifier: JoinVerifier,
     /// Nodes the admin revoked: their records are refused.
     revoked: RevokedNodes,
+    /// The newest record sequence of each node, kept across restarts.
+    sequences: Sequences,
     /// The mesh's address range: every node's prefix lies in it.
     mesh: IpNet,
     /// By node, its newest record whose signature checked, and the peer it
@@ -89,10 +91,16 @@ struct Refusal {
 }
 
 impl Checker {
-    pub fn new(verifier: JoinVerifier, mesh: IpNet, revoked: RevokedNodes) -> Self {
+    pub fn new(
+        verifier: JoinVerifier,
+        mesh: IpNet,
+        revoked: RevokedNodes,
+        sequences: Sequences,
+    ) -> Self {
         Self {
             verifier,
             revoked,
+            sequences,
             mesh,
             newest: BTreeMap::new(),
         }
@@ -177,6 +185,7 @@ impl Checker {
                 }
             }
         }
+        self.sequences.save();
         membership
     }
 
@@ -197,6 +206,7 @@ impl Checker {
         let (record, join) = self
             .signed_record(entry, now)
             .map_err(|reason| Refusal { reason, standing })?;
+        self.sequences.saw(&record.name, record.sequence);
         let checked = self.check_record(&record, &join, local);
         self.newest.insert(
             record.name.clone(),
@@ -249,6 +259,15 @@ impl Checker {
                 format!(
                     "sequence {} is not past {} of the newest record seen",
                     record.sequence, newest.sequence
+                ),
+            ));
+        }
+        if let Some(newest) = self.sequences.newer_than(&record.name, record.sequence) {
+            return Err((
+                "replayed",
+                format!(
+                    "sequence {} is older than {newest}, the newest record seen of the node",
+                    record.sequence
                 ),
             ));
         }
@@ -349,13 +368,8 @@ mod tests {
 
     fn fixture() -> Fixture {
         let admin = IssuerKey::generate(Algorithm::EdDsa, Some("admin".into())).unwrap();
-        let bundle = TrustBundle::from_json(admin.bundle_json().as_bytes()).unwrap();
         Fixture {
-            checker: Checker::new(
-                JoinVerifier::new(bundle),
-                "10.100.0.0/16".parse().unwrap(),
-                RevokedNodes::default(),
-            ),
+            checker: checker(&admin, Sequences::default()),
             admin,
             local: Local {
                 name: "local".parse().unwrap(),
@@ -379,6 +393,16 @@ mod tests {
                 bytes: SignedRecord::sign(self.record.clone(), &self.key).encode(),
             }
         }
+    }
+
+    fn checker(admin: &IssuerKey, sequences: Sequences) -> Checker {
+        let bundle = TrustBundle::from_json(admin.bundle_json().as_bytes()).unwrap();
+        Checker::new(
+            JoinVerifier::new(bundle),
+            "10.100.0.0/16".parse().unwrap(),
+            RevokedNodes::default(),
+            sequences,
+        )
     }
 
     impl Fixture {
@@ -545,6 +569,29 @@ mod tests {
         assert_eq!(key_of(&mut f, &b.entry()), Some(b.record.public_key));
         assert_eq!(f.reasons(&[]), (vec![], vec![]));
         assert_eq!(f.reasons(&[new]), (vec![], vec![("b".into(), "replayed")]));
+    }
+
+    #[test]
+    fn a_restarted_checker_still_refuses_older_records() {
+        let state = tempfile::tempdir().unwrap();
+        let remembered = || Sequences::load(state.path(), crate::node::Section::Nodes).unwrap();
+        let mut f = fixture();
+        f.checker = checker(&f.admin, remembered());
+        let mut b = f.node("b", "10.100.1.0/24", "10.100.1.0/24");
+        let old = b.entry();
+        b.record.sequence = 2;
+        let new = b.entry();
+        assert_eq!(
+            f.reasons(std::slice::from_ref(&new)),
+            (vec!["b".into()], vec![])
+        );
+        // A new agent, with the same state folder.
+        f.checker = checker(&f.admin, remembered());
+        assert_eq!(
+            f.reasons(std::slice::from_ref(&old)),
+            (vec![], vec![("b".into(), "replayed")])
+        );
+        assert_eq!(f.reasons(&[new]), (vec!["b".into()], vec![]));
     }
 
     #[test]

@@ -25,8 +25,8 @@ use tokio::sync::watch;
 
 use super::{
     Checker, Entry, Join, JoinVerifier, Local, NodeKey, NodeKeyError, NodeName, NodeRecord,
-    RevokedNodes, RevokedNodesError, ShieldError, ShieldOptions, Signed, SignedRecord, SigningKey,
-    SigningPublicKey, Store, StoreError, StoreSpec, StoreWatch,
+    RevokedNodes, RevokedNodesError, Sequences, SequencesError, ShieldError, ShieldOptions, Signed,
+    SignedRecord, SigningKey, SigningPublicKey, Store, StoreError, StoreSpec, StoreWatch,
     bindings::{self, BindingSet, Bound, PeerBindings},
     keys::KEY_FILE,
     membership::describe_revocation,
@@ -111,6 +111,8 @@ pub enum MeshError {
     Revoked(String),
     #[error(transparent)]
     RevokedNodes(#[from] RevokedNodesError),
+    #[error(transparent)]
+    Sequences(#[from] SequencesError),
     #[error(transparent)]
     State(#[from] teardown::StateError),
     #[error("WireGuard interface")]
@@ -244,6 +246,9 @@ impl Mesh {
             }
             None => None,
         };
+        // Older documents than an earlier agent saw stay refused.
+        let revocation_sequences = Sequences::load(&options.state_dir, Section::Revocations)?;
+        let binding_sequences = Sequences::load(&options.state_dir, Section::Bindings)?;
         Ok(Self {
             options,
             checker,
@@ -254,9 +259,9 @@ impl Mesh {
             sequence: 0,
             published: None,
             revocations_published: None,
-            remote: Remote::default(),
+            remote: Remote::new(revocation_sequences),
             bindings_published: None,
-            peer_sets: FromPeers::default(),
+            peer_sets: FromPeers::new(binding_sequences),
             peer_bindings: watch::Sender::new(PeerBindings::new()),
             device,
             shield,
@@ -699,7 +704,8 @@ fn own_join(options: &MeshOptions) -> Result<(Checker, String, Join), MeshError>
     let bundle = TrustBundle::load(&options.bundle)?;
     let verifier = JoinVerifier::new(bundle);
     let revoked = RevokedNodes::load(&options.state_dir, &verifier, SystemTime::now())?;
-    let checker = Checker::new(verifier, options.mesh_range, revoked);
+    let sequences = Sequences::load(&options.state_dir, Section::Nodes)?;
+    let checker = Checker::new(verifier, options.mesh_range, revoked, sequences);
     let token = std::fs::read_to_string(&options.join_token)
         .map_err(|source| MeshError::ReadToken {
             path: options.join_token.clone(),

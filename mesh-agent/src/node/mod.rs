@@ -19,6 +19,7 @@ mod published;
 mod record;
 mod revocations;
 mod revoked_nodes;
+mod sequences;
 mod shield;
 mod signed;
 mod signing;
@@ -34,6 +35,7 @@ pub use mesh::{Mesh, MeshError, MeshOptions, check};
 pub use name::{InvalidNodeName, NodeName};
 pub use record::{NodeRecord, SignedRecord};
 pub use revoked_nodes::{REVOKED_NODES_FILE, RevokedNodes, RevokedNodesError};
+pub use sequences::{Sequences, SequencesError};
 pub use shield::{
     HandshakeRates, InvalidService, ShieldError, ShieldOptions, ShieldService, unpin_shield,
 };

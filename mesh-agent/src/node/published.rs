@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, btree_map};
 
-use super::{Entry, NodeName, Peer, Rejected, Section, Signed, signed::Document};
+use super::{Entry, NodeName, Peer, Rejected, Section, Sequences, Signed, signed::Document};
 
 /// Why a document is not taken: a short reason and the details.
 pub type Reason = (&'static str, String);
@@ -36,12 +36,22 @@ pub trait Published: Document + Clone + PartialEq {
 #[derive(Debug)]
 pub struct FromPeers<T> {
     newest: BTreeMap<NodeName, (T, bool)>,
+    /// The newest sequence of each node's documents, kept across restarts.
+    sequences: Sequences,
 }
 
 impl<T> Default for FromPeers<T> {
     fn default() -> Self {
+        Self::new(Sequences::default())
+    }
+}
+
+impl<T> FromPeers<T> {
+    /// None yet; documents older than `sequences` are refused.
+    pub fn new(sequences: Sequences) -> Self {
         Self {
             newest: BTreeMap::new(),
+            sequences,
         }
     }
 }
@@ -79,6 +89,7 @@ impl<T: Published> FromPeers<T> {
                 });
             }
         }
+        self.sequences.save();
         rejected
     }
 
@@ -98,6 +109,16 @@ impl<T: Published> FromPeers<T> {
             ));
         }
         document.check(peer)?;
+        if let Some(newest) = self.sequences.newer_than(&peer.name, document.sequence()) {
+            return Err((
+                "replayed",
+                format!(
+                    "sequence {} is older than {newest}, the newest seen of the node",
+                    document.sequence()
+                ),
+            ));
+        }
+        self.sequences.saw(&peer.name, document.sequence());
         match self.newest.entry(peer.name.clone()) {
             btree_map::Entry::Occupied(newest)
                 if newest.get().0.sequence() > document.sequence()

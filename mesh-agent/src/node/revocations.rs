@@ -88,6 +88,13 @@ pub struct Plan {
 }
 
 impl Remote {
+    /// None yet; lists older than `sequences` are refused.
+    pub fn new(sequences: super::Sequences) -> Self {
+        Self {
+            lists: FromPeers::new(sequences),
+        }
+    }
+
     /// Takes the good lists among `entries` from `peers`; returns the rest
     /// with their reasons.
     pub fn update(&mut self, entries: &[Entry], peers: &BTreeMap<NodeName, Peer>) -> Vec<Rejected> {
