@@ -242,15 +242,16 @@ pub(super) fn unpin_socket_links(pins: &Pins) -> Result<(), DatapathError> {
         Err(err) => return Err(pin_error(&dir)(err)),
     };
     for link in links {
-        let path = link.map_err(pin_error(&dir))?.path();
-        match sys::detach_pinned_link(&path) {
-            // Defunct already: its cgroup is gone.
-            Err(err) if err.raw_os_error() != Some(libc::ENOLINK) => {
-                return Err(pin_error(&path)(err));
-            }
-            _ => {}
-        }
-        fs::remove_file(&path).map_err(pin_error(&path))?;
+        unpin_link(&link.map_err(pin_error(&dir))?.path())?;
     }
     fs::remove_dir(&dir).map_err(pin_error(&dir))
+}
+
+/// Detaches the link pinned at `path` at once and removes the pin; a link
+/// already defunct (its cgroup or interface gone) only loses its pin.
+pub(crate) fn unpin_link(path: &Path) -> Result<(), DatapathError> {
+    match sys::detach_pinned_link(path) {
+        Err(err) if err.raw_os_error() != Some(libc::ENOLINK) => Err(pin_error(path)(err)),
+        _ => fs::remove_file(path).map_err(pin_error(path)),
+    }
 }

@@ -22,16 +22,15 @@ use aya::{
     },
     util::KernelVersion,
 };
-pub(crate) use bindings::{adopt_link, pin_link};
+pub(crate) use bindings::{adopt_link, pin_link, unpin_link};
 pub use entries::{BoundHost, Clock, GrantLimits, PolicyEntries, PortBlock, Prefix, Rate};
 pub use events::parse_event;
 pub use inspect::{Inspection, MapFill, inspect};
 use mesh_common::{config, maps, programs};
-pub(crate) use pin::check_layout;
 pub use pin::{Hook, Pins, is_l3, unpin_all};
+pub(crate) use pin::{check_layout, remove_pin};
 pub use sizes::MapSizes;
 pub use sys::bpf as bpf_syscall;
-pub(crate) use sys::detach_pinned_link;
 pub use test_run::{Entry, TestVerdict};
 pub use traffic::Counters;
 

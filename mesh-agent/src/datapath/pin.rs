@@ -278,7 +278,7 @@ impl Datapath {
             let path = path.to_owned();
             move |source| DatapathError::Pin { path, source }
         };
-        remove(&fresh, |p| fs::remove_file(p))?;
+        remove_pin(&fresh, |p| fs::remove_file(p))?;
         program
             .pin(&fresh)
             .map_err(|err| pin_error(&fresh)(io::Error::other(err)))?;
@@ -373,13 +373,13 @@ pub fn unpin_all(pins: &Pins) -> Result<(), DatapathError> {
     let links = pins.root.join("links");
     let hook_dirs = Hook::ALL.map(|hook| links.join(hook.name()));
     for name in ALL_MAPS {
-        remove(&pins.map_path(name), |p| fs::remove_file(p))?;
+        remove_pin(&pins.map_path(name), |p| fs::remove_file(p))?;
     }
     for dir in hook_dirs
         .iter()
         .chain([&links, &pins.root.join("maps"), &pins.root])
     {
-        remove(dir, |p| fs::remove_dir(p))?;
+        remove_pin(dir, |p| fs::remove_dir(p))?;
     }
     Ok(())
 }
@@ -425,7 +425,11 @@ pub fn is_l3(interface: &str) -> bool {
 }
 
 /// Removes a pin or folder; one already gone is fine.
-fn remove(path: &Path, how: fn(&Path) -> io::Result<()>) -> Result<(), DatapathError> {
+/// Removes the pin or folder at `path` with `how`; one already gone is fine.
+pub(crate) fn remove_pin(
+    path: &Path,
+    how: fn(&Path) -> io::Result<()>,
+) -> Result<(), DatapathError> {
     match how(path) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => Err(DatapathError::Pin {
             path: path.to_owned(),

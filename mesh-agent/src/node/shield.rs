@@ -237,40 +237,16 @@ impl ShieldPins {
 /// pinned is fine.
 pub fn unpin_shield(bpffs: &Path) -> Result<(), ShieldError> {
     let pins = ShieldPins::new(bpffs);
-    let folder_error = |path: &Path| {
-        let path = path.to_owned();
-        move |source| ShieldError::PinFolder { path, source }
-    };
     for link in pins.pinned_links()? {
-        detach_and_unpin(&link)?;
+        datapath::unpin_link(&link).map_err(ShieldError::Pins)?;
     }
     for (_, path) in pins.maps() {
-        ignore_missing(fs::remove_file(&path)).map_err(folder_error(&path))?;
+        datapath::remove_pin(&path, |p| fs::remove_file(p)).map_err(ShieldError::Pins)?;
     }
     for dir in [pins.links(), pins.root.join("maps"), pins.root.clone()] {
-        ignore_missing(fs::remove_dir(&dir)).map_err(folder_error(&dir))?;
+        datapath::remove_pin(&dir, |p| fs::remove_dir(p)).map_err(ShieldError::Pins)?;
     }
     Ok(())
-}
-
-fn detach_and_unpin(link: &Path) -> Result<(), ShieldError> {
-    let error = |source| ShieldError::PinFolder {
-        path: link.to_owned(),
-        source,
-    };
-    match datapath::detach_pinned_link(link) {
-        // Defunct already: its interface is gone.
-        Err(err) if err.raw_os_error() != Some(libc::ENOLINK) => return Err(error(err)),
-        _ => {}
-    }
-    fs::remove_file(link).map_err(error)
-}
-
-fn ignore_missing(result: io::Result<()>) -> io::Result<()> {
-    match result {
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
 }
 
 /// The shield, attached and pinned. Dropping it leaves it in place.
@@ -368,7 +344,7 @@ impl Shield {
         // A shield an earlier agent left on another interface goes.
         for other in pins.pinned_links()? {
             if other != path {
-                detach_and_unpin(&other)?;
+                datapath::unpin_link(&other).map_err(ShieldError::Pins)?;
             }
         }
         let fd = program.fd().map_err(ShieldError::Program)?;
