@@ -12,3 +12,4 @@ pub mod node;
 pub mod policy;
 pub mod reference;
 pub mod replay;
+mod state_file;

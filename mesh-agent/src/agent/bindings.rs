@@ -129,11 +129,7 @@ impl Binding {
 
 /// The bindings recorded in `state_dir`, for `status`.
 pub fn read_bindings(state_dir: &Path) -> io::Result<Vec<Binding>> {
-    match std::fs::read(state_dir.join(BINDINGS_FILE)) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(io::Error::other),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(err) => Err(err),
-    }
+    crate::state_file::read_json(&state_dir.join(BINDINGS_FILE))
 }
 
 /// What `teardown` leaves of the bindings an agent recorded in
@@ -216,11 +212,7 @@ pub async fn teardown_bindings(
 
 /// Records `bindings` in `state_dir`, replacing the record whole.
 fn write_bindings(state_dir: &Path, bindings: &[&Binding]) -> io::Result<()> {
-    let path = state_dir.join(BINDINGS_FILE);
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(bindings).map_err(io::Error::other)?;
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, &path)
+    crate::state_file::write_json(&state_dir.join(BINDINGS_FILE), bindings)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -39,12 +39,9 @@ impl AgentStatus {
         state_dir.join(STATUS_FILE)
     }
 
-    /// Writes via a temporary file and a rename, so readers never see half.
+    /// Writes it whole: readers never see half.
     pub fn write(&self, state_dir: &Path) -> io::Result<()> {
-        let path = Self::path(state_dir);
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, &path)
+        crate::state_file::write_json(&Self::path(state_dir), self)
     }
 
     pub fn read(state_dir: &Path) -> io::Result<Self> {

@@ -60,11 +60,8 @@ impl Revocations {
         Ok(found)
     }
 
-    /// Via a temporary file and a rename: the file is always whole.
     fn save(&mut self, revoked: Revoked) -> io::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&revoked)?)?;
-        std::fs::rename(&tmp, &self.path)?;
+        crate::state_file::write_json(&self.path, &revoked)?;
         self.revoked = revoked;
         Ok(())
     }
@@ -72,9 +69,5 @@ impl Revocations {
 
 /// The revocations recorded in `state_dir`, for `status`.
 pub fn read(state_dir: &Path) -> io::Result<Revoked> {
-    match std::fs::read(state_dir.join(REVOCATIONS_FILE)) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(io::Error::other),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Revoked::new()),
-        Err(err) => Err(err),
-    }
+    crate::state_file::read_json(&state_dir.join(REVOCATIONS_FILE))
 }

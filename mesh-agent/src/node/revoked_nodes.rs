@@ -8,20 +8,20 @@
 
 use std::{
     collections::BTreeMap,
-    fs, io,
+    io,
     path::{Path, PathBuf},
     time::SystemTime,
 };
 
 use super::{Entry, Join, JoinVerifier, NodeName, Rejected, Section, token::NodeRevocation};
+use crate::state_file::{read_json, write_json};
 
 /// The kept revocations, in the state folder.
 pub const REVOKED_NODES_FILE: &str = "revoked-nodes.json";
 
 #[derive(Debug, thiserror::Error)]
-#[error("{}: cannot {what}", path.display())]
+#[error("{}: cannot read the revoked nodes", path.display())]
 pub struct RevokedNodesError {
-    what: &'static str,
     path: PathBuf,
     #[source]
     source: io::Error,
@@ -48,21 +48,10 @@ impl RevokedNodes {
             path: Some(path.clone()),
             newest: BTreeMap::new(),
         };
-        let tokens: Vec<String> = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| RevokedNodesError {
-                what: "read the revoked nodes",
-                path: path.clone(),
-                source: io::Error::new(io::ErrorKind::InvalidData, err),
-            })?,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(source) => {
-                return Err(RevokedNodesError {
-                    what: "read the revoked nodes",
-                    path,
-                    source,
-                });
-            }
-        };
+        let tokens: Vec<String> = read_json(&path).map_err(|source| RevokedNodesError {
+            path: path.clone(),
+            source,
+        })?;
         for token in tokens {
             // One that expired, or whose key left the bundle, is dropped.
             if let Ok(revocation) = verifier.verify_revocation(&token, now) {
@@ -136,19 +125,14 @@ impl RevokedNodes {
         newer
     }
 
-    /// Writes the kept revocations by renaming a finished file into place;
-    /// a failure is logged, and they are enforced from memory meanwhile.
+    /// Writes the kept revocations; a failure is logged, and they are
+    /// enforced from memory meanwhile.
     fn save(&self) {
         let Some(path) = &self.path else {
             return;
         };
         let tokens: Vec<&String> = self.newest.values().map(|(_, token)| token).collect();
-        let fresh = path.with_extension("json.new");
-        let written = serde_json::to_vec_pretty(&tokens)
-            .map_err(io::Error::other)
-            .and_then(|bytes| fs::write(&fresh, bytes))
-            .and_then(|()| fs::rename(&fresh, path));
-        if let Err(err) = written {
+        if let Err(err) = write_json(path, &tokens) {
             tracing::error!(
                 path = %path.display(),
                 error = %err,

@@ -5,11 +5,12 @@
 
 use std::{
     collections::BTreeMap,
-    fs, io,
+    io,
     path::{Path, PathBuf},
 };
 
 use super::{NodeName, Section};
+use crate::state_file::{read_json, write_json};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{}: cannot read the sequences seen", path.display())]
@@ -31,14 +32,10 @@ impl Sequences {
     /// Those kept in `state_dir` for `section`; none if there is no file.
     pub fn load(state_dir: &Path, section: Section) -> Result<Self, SequencesError> {
         let path = state_dir.join(format!("sequences-{}.json", section.name()));
-        let newest = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| SequencesError {
-                path: path.clone(),
-                source: io::Error::new(io::ErrorKind::InvalidData, err),
-            })?,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(source) => return Err(SequencesError { path, source }),
-        };
+        let newest = read_json(&path).map_err(|source| SequencesError {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Self {
             path: Some(path),
             newest,
@@ -63,8 +60,8 @@ impl Sequences {
         }
     }
 
-    /// Writes them if they changed, renaming a finished file into place; a
-    /// failure is logged, and they hold in memory meanwhile.
+    /// Writes them if they changed; a failure is logged, and they hold in
+    /// memory meanwhile.
     pub fn save(&mut self) {
         let Some(path) = &self.path else {
             return;
@@ -72,12 +69,7 @@ impl Sequences {
         if !self.changed {
             return;
         }
-        let fresh = path.with_extension("json.new");
-        let written = serde_json::to_vec(&self.newest)
-            .map_err(io::Error::other)
-            .and_then(|bytes| fs::write(&fresh, bytes))
-            .and_then(|()| fs::rename(&fresh, path));
-        match written {
+        match write_json(path, &self.newest) {
             Ok(()) => self.changed = false,
             Err(err) => tracing::error!(
                 path = %path.display(),
