@@ -558,7 +558,7 @@ impl Bindings {
                 "this agent binds no processes: it runs without --agent-pool",
             );
         }
-        let (verified, tag) = match self.check(token) {
+        let (verified, tag) = match self.check(token, peer.pid) {
             Ok(checked) => checked,
             Err(response) => return response,
         };
@@ -576,8 +576,9 @@ impl Bindings {
     }
 
     /// Checks a token against the trust bundle, the policy's trust domain
-    /// and identities, and the revocations; a refusal is audited.
-    fn check(&mut self, token: &str) -> Result<(VerifiedToken, u32), Response> {
+    /// and identities, and the revocations; a refusal is audited with the
+    /// `pid` that presented the token.
+    fn check(&mut self, token: &str, pid: u32) -> Result<(VerifiedToken, u32), Response> {
         let claimed = decode_unverified(token)
             .ok()
             .and_then(|parts| parts.claims.get("sub")?.as_str().map(str::to_owned));
@@ -592,25 +593,34 @@ impl Bindings {
             _ => Err(("no_policy", "no policy is applied yet".to_owned())),
         };
         let verified = verified
-            .map_err(|(reason, message)| self.reject(claimed.as_deref(), reason, message))?;
+            .map_err(|(reason, message)| self.reject(claimed.as_deref(), pid, reason, message))?;
         let id = verified.spiffe_id.to_string();
         if self.revocations.contains(&id) {
-            return Err(self.reject(Some(&id), "revoked", format!("{id} is revoked")));
+            return Err(self.reject(Some(&id), pid, "revoked", format!("{id} is revoked")));
         }
         match self.tags.get(&id) {
             Some(&tag) => Ok((verified, tag)),
             None => Err(self.reject(
                 Some(&id),
+                pid,
                 "unknown_identity",
                 format!("{id} is not an identity of the policy"),
             )),
         }
     }
 
-    fn reject(&mut self, identity: Option<&str>, reason: &str, message: String) -> Response {
+    fn reject(
+        &mut self,
+        identity: Option<&str>,
+        pid: u32,
+        reason: &str,
+        message: String,
+    ) -> Response {
         self.metrics.rejected.with_label_values(&[reason]).inc();
-        self.audit
-            .record(&AuditEvent::new(AuditKind::Reject, identity).reason(message.clone()));
+        self.audit.record(&AuditEvent {
+            pid: Some(pid),
+            ..AuditEvent::new(AuditKind::Reject, identity).reason(message.clone())
+        });
         Response::refused(reason, message)
     }
 
@@ -693,13 +703,14 @@ impl Bindings {
             );
         }
         let identity = binding.identity.clone();
-        let (verified, tag) = match self.check(token) {
+        let (verified, tag) = match self.check(token, peer.pid) {
             Ok(checked) => checked,
             Err(response) => return response,
         };
         if verified.spiffe_id.as_str() != identity {
             return self.reject(
                 Some(verified.spiffe_id.as_str()),
+                peer.pid,
                 "other_identity",
                 format!("binding {name} is {identity}, not {}", verified.spiffe_id),
             );
