@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
@@ -28,7 +28,7 @@ use mesh_agent::{
     },
     policy::SpiffeId,
 };
-use mesh_tests::{BpfFs, NetNs, VethEnd, require_root, veth_pair};
+use mesh_tests::{BpfFs, METRICS, NetNs, VethEnd, http_get, require_root, sample, veth_pair};
 use socket2::{Domain, Socket, Type};
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -46,10 +46,13 @@ fn pool6(test: u8) -> String {
 }
 const ALICE: &str = "spiffe://acme.internal/agent/alice";
 const BOB: &str = "spiffe://acme.internal/agent/bob";
-/// Alice may reach 7000, Bob 7001; nobody 7002.
+/// Alice may reach 7000, Bob 7001; nobody 7002. Over UDP, Alice may send
+/// to 7053 and nobody to 7054.
 const ALICE_PORT: u16 = 7000;
 const BOB_PORT: u16 = 7001;
 const NOBODY_PORT: u16 = 7002;
+const ALICE_UDP_PORT: u16 = 7053;
+const NOBODY_UDP_PORT: u16 = 7054;
 
 const POLICY: &str = r#"version = 1
 trust_domain = "acme.internal"
@@ -63,12 +66,12 @@ id = "spiffe://acme.internal/agent/bob"
 [[service]]
 name = "server"
 addresses = ["192.0.2.2/32", "2001:db8::2/128"]
-ports = ["7000-7002/tcp"]
+ports = ["7000-7002/tcp", "7053-7054/udp"]
 
 [[grant]]
 from = ["spiffe://acme.internal/agent/alice"]
 to = ["server"]
-ports = ["7000/tcp"]
+ports = ["7000/tcp", "7053/udp"]
 
 [[grant]]
 from = ["spiffe://acme.internal/agent/bob"]
@@ -93,6 +96,13 @@ fn probe() {
                     Ok(()) => format!("ok {}", stream.local_addr().unwrap().ip()),
                     Err(err) => format!("err {}", describe(&err)),
                 },
+                Err(err) => format!("err {}", describe(&err)),
+            },
+            // One datagram from an unbound, unconnected socket (the
+            // sendmsg hooks judge it and pick its source); the answer is
+            // the source address the server saw.
+            "udp" => match udp_round_trip(arg) {
+                Ok(seen) => format!("ok {seen}"),
                 Err(err) => format!("err {}", describe(&err)),
             },
             // Connect and keep the connection.
@@ -123,6 +133,21 @@ fn connect(addr: &str) -> std::io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     stream.set_read_timeout(Some(Duration::from_millis(300)))?;
     Ok(stream)
+}
+
+fn udp_round_trip(addr: &str) -> std::io::Result<String> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let any: IpAddr = if addr.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind((any, 0))?;
+    socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+    socket.send_to(b"x", addr)?;
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 fn round_trip(stream: &mut TcpStream) -> std::io::Result<()> {
@@ -210,11 +235,24 @@ impl Drop for CgroupRoot {
     }
 }
 
-/// A TCP echo server in the server namespace on every port the tests use;
-/// it records where connections come from.
+/// A TCP echo server in the server namespace on every TCP port the tests
+/// use, which records where connections come from, and a UDP server on
+/// every UDP port, which answers a datagram with its source address.
 fn echo_servers(ns: &NetNs) -> anyhow::Result<Arc<Mutex<Vec<SocketAddr>>>> {
     let peers = Arc::new(Mutex::new(Vec::new()));
     let addresses = [IpAddr::V4(SERVER), IpAddr::V6(SERVER6)];
+    for (addr, port) in addresses
+        .into_iter()
+        .flat_map(|addr| [ALICE_UDP_PORT, NOBODY_UDP_PORT].map(|port| (addr, port)))
+    {
+        let socket = ns.enter(move || UdpSocket::bind((addr, port)))??;
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(from.ip().to_string().as_bytes(), from);
+            }
+        });
+    }
     for (addr, port) in addresses
         .into_iter()
         .flat_map(|addr| [ALICE_PORT, BOB_PORT, NOBODY_PORT].map(|port| (addr, port)))
@@ -535,6 +573,24 @@ fn bound_processes_reach_their_grants_from_their_own_address_and_nothing_else() 
         assert!(seen.contains(&addr), "{addr} not among {seen:?}");
     }
 
+    // UDP: judged at sendmsg(), sent from the binding's own address.
+    let alice_udp = alice.ask(&format!("udp {SERVER}:{ALICE_UDP_PORT}"));
+    assert!(
+        setup.ok_from_pool(&alice_udp),
+        "alice over UDP: {alice_udp}"
+    );
+    assert_eq!(alice_udp, alice_addr, "the server saw alice's address");
+    let alice_udp6 = alice.ask(&format!("udp [{SERVER6}]:{ALICE_UDP_PORT}"));
+    assert_eq!(alice_udp6, alice_addr6, "alice over UDP and IPv6");
+    let udp_refused_at_once = |probe: &mut Probe, to: String| {
+        let started = Instant::now();
+        assert_eq!(probe.ask(&format!("udp {to}")), "err EPERM", "to {to}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+    };
+    udp_refused_at_once(&mut alice, format!("{SERVER}:{NOBODY_UDP_PORT}"));
+    udp_refused_at_once(&mut alice, format!("[{SERVER6}]:{NOBODY_UDP_PORT}"));
+    udp_refused_at_once(&mut bob, format!("{SERVER}:{ALICE_UDP_PORT}"));
+
     // A process of the same node that is bound to nothing is denied by the
     // datapath, granted port or not, over either family.
     assert!(!setup.unbound_connects(SERVER.into(), ALICE_PORT)?);
@@ -567,9 +623,9 @@ fn bound_processes_reach_their_grants_from_their_own_address_and_nothing_else() 
         .collect();
     assert!(kinds.contains(&(AuditKind::Bind, Some(ALICE))));
     assert!(kinds.contains(&(AuditKind::Bind, Some(BOB))));
-    assert!(kinds.contains(&(AuditKind::Release, Some(ALICE))));
     let bind = audit.iter().find(|e| e.event == AuditKind::Bind).unwrap();
     assert!(bind.pid.is_some() && bind.cgroup.is_some() && !bind.addresses.is_empty());
+    assert_audited(&audit, AuditKind::Release, &alice_cgroup, "exited");
     Ok(())
 }
 
@@ -592,12 +648,13 @@ fn token_expiry_cuts_a_live_connection_within_a_second() -> anyhow::Result<()> {
     assert!(late < Duration::from_secs(1), "cut {late:?} after expiry");
     assert_ne!(alice.ask("ping"), "ok", "the connection stays cut");
     assert_eq!(alice.echo(ALICE_PORT), "err EPERM", "no new flows");
-    assert_eq!(setup.bindings()[0].ended.as_deref(), Some("expired"));
-    assert!(
-        setup
-            .audit()
-            .iter()
-            .any(|e| e.event == AuditKind::Expire && e.identity.as_deref() == Some(ALICE))
+    let binding = &setup.bindings()[0];
+    assert_eq!(binding.ended.as_deref(), Some("expired"));
+    assert_audited(
+        &setup.audit(),
+        AuditKind::Expire,
+        &binding.cgroup,
+        "expired",
     );
     Ok(())
 }
@@ -635,16 +692,33 @@ fn revocation_cuts_within_a_second_and_survives_a_restart() -> anyhow::Result<()
             .starts_with("ok ")
     );
     assert_eq!(alice.ask("ping"), "ok");
+    let cgroup = setup.bindings()[0].cgroup.clone();
 
+    // From the moment the command is given.
+    let at = SystemTime::now();
     let revoked = setup.control(&["revoke", ALICE, "--reason", "compromised"])?;
     assert!(revoked.status.success(), "{revoked:?}");
-    let at = SystemTime::now();
     let failed = first_failure(&mut alice, Duration::from_secs(3)).expect("never cut");
-    assert!(failed.duration_since(at).unwrap_or_default() < Duration::from_secs(1));
+    let took = failed.duration_since(at).unwrap_or_default();
+    assert!(took < Duration::from_secs(1), "cut {took:?} after revoke");
     assert_eq!(alice.echo(ALICE_PORT), "err EPERM");
+    assert_audited(&setup.audit(), AuditKind::Revoke, &cgroup, "compromised");
+    let revoked_metric = || -> anyhow::Result<Option<f64>> {
+        let metrics = http_get(&setup.node, METRICS, "/metrics")?;
+        let label = format!("identity=\"{ALICE}\"");
+        Ok(sample(&metrics, "mesh_identity_revoked", &[&label]))
+    };
+    assert_eq!(revoked_metric()?, Some(1.0));
     // A revoked identity binds no more.
-    setup.bind_refused(&setup.token(ALICE, Duration::from_secs(600))?)?;
+    let refused = setup.bind_refused(&setup.token(ALICE, Duration::from_secs(600))?)?;
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("(revoked)"),
+        "{refused:?}"
+    );
 
+    // The restarted agent knows the revocation from its state folder, not
+    // only from the kernel's pinned maps: it refuses to bind the identity
+    // and reports it.
     agent.stop()?;
     let _agent = setup.start_agent()?;
     assert_eq!(
@@ -652,6 +726,12 @@ fn revocation_cuts_within_a_second_and_survives_a_restart() -> anyhow::Result<()
         "err EPERM",
         "revoked after a restart"
     );
+    let refused = setup.bind_refused(&setup.token(ALICE, Duration::from_secs(600))?)?;
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("(revoked)"),
+        "after a restart: {refused:?}"
+    );
+    assert_eq!(revoked_metric()?, Some(1.0), "after a restart");
     let status = setup
         .mesh_agent()?
         .args(["status", "--state-dir"])
@@ -666,6 +746,11 @@ fn revocation_cuts_within_a_second_and_survives_a_restart() -> anyhow::Result<()
     let lifted = setup.control(&["unrevoke", ALICE])?;
     assert!(lifted.status.success(), "{lifted:?}");
     assert!(setup.ok_from_pool(&alice.echo(ALICE_PORT)));
+    assert_eq!(
+        revoked_metric()?,
+        None,
+        "the series goes with the revocation"
+    );
     let kinds: Vec<AuditKind> = setup.audit().iter().map(|e| e.event).collect();
     assert!(kinds.contains(&AuditKind::Revoke) && kinds.contains(&AuditKind::Unrevoke));
     assert!(kinds.contains(&AuditKind::Reject));
@@ -806,6 +891,21 @@ fn teardown_leaves_no_binding_behind() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Asserts that the audit log has a `kind` event of the binding in
+/// `cgroup`, with its identity, process, reason and an RFC 3339 time.
+fn assert_audited(audit: &[AuditEvent], kind: AuditKind, cgroup: &Path, reason: &str) {
+    let event = audit
+        .iter()
+        .find(|e| e.event == kind && e.cgroup.as_deref() == Some(cgroup))
+        .unwrap_or_else(|| panic!("no {kind:?} event of {} in {audit:?}", cgroup.display()));
+    assert_eq!(event.identity.as_deref(), Some(ALICE), "{event:?}");
+    assert!(event.pid.is_some_and(|pid| pid > 0), "{event:?}");
+    assert_eq!(event.reason.as_deref(), Some(reason), "{event:?}");
+    let time =
+        time::OffsetDateTime::parse(&event.time, &time::format_description::well_known::Rfc3339);
+    assert!(time.is_ok(), "{event:?}");
+}
+
 /// Kills the processes in `cgroup` and waits until it is empty.
 fn kill_all_in(cgroup: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -930,6 +1030,7 @@ fn the_socket_refuses_other_users_and_bad_tokens() -> anyhow::Result<()> {
     assert!(setup.bindings().is_empty());
     assert!(setup.audit().iter().any(|e| e.event == AuditKind::Reject
         && e.identity.as_deref() == Some(ALICE)
-        && e.reason.is_some()));
+        && e.pid.is_some()
+        && e.reason.as_deref().is_some_and(|r| r.contains("signature"))));
     Ok(())
 }
