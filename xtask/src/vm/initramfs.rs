@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fs::{self, File},
-    io::{BufWriter, Write as _},
+    io::{BufWriter, Write},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -127,31 +127,41 @@ pub fn build(
         super::DIFFERENTIAL_CASES,
     );
     archive.file("vm/env", 0o644, env.as_bytes())?;
-    archive.finish()
+    archive.finish().map(drop)
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// The modules to load, dependencies first, as `modules.dep` orders them:
-/// a module's line lists its dependencies, the last to be loaded first.
+/// The modules to load, dependencies first, as `modules.dep` orders them.
 fn load_order(modules: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let dep_file = modules.join("modules.dep");
-    let text =
+    let dep =
         fs::read_to_string(&dep_file).with_context(|| format!("reading {}", dep_file.display()))?;
-    let deps: HashMap<&str, Vec<&str>> = text
+    let builtin = fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
+    Ok(order(&dep, &builtin, MODULES)?
+        .into_iter()
+        .map(|module| modules.join(module))
+        .collect())
+}
+
+/// The paths (relative, as in `modules.dep`) of the `wanted` modules and
+/// their dependencies, each once, dependencies first: a module's line lists
+/// its dependencies, the last to be loaded first. A module built in is
+/// skipped.
+fn order<'a>(dep: &'a str, builtin: &str, wanted: &[&str]) -> anyhow::Result<Vec<&'a str>> {
+    let deps: HashMap<&str, Vec<&str>> = dep
         .lines()
         .filter_map(|line| line.split_once(':'))
         .map(|(module, deps)| (module, deps.split_whitespace().collect()))
         .collect();
     let by_name: HashMap<String, &str> =
         deps.keys().map(|path| (module_name(path), *path)).collect();
-    let builtin = fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
     let builtin: BTreeSet<String> = builtin.lines().map(module_name).collect();
 
     let mut order = Vec::new();
-    for wanted in MODULES {
+    for wanted in wanted {
         let Some(path) = by_name.get(*wanted) else {
             if builtin.contains(*wanted) {
                 continue;
@@ -159,9 +169,8 @@ fn load_order(modules: &Path) -> anyhow::Result<Vec<PathBuf>> {
             bail!("the kernel has no module {wanted}, neither loadable nor built in");
         };
         for module in deps[path].iter().rev().chain([path]) {
-            let module = modules.join(module);
-            if !order.contains(&module) {
-                order.push(module);
+            if !order.contains(module) {
+                order.push(*module);
             }
         }
     }
@@ -221,21 +230,27 @@ const S_IFLNK: u32 = 0o120_000;
 const S_IFCHR: u32 = 0o020_000;
 
 /// Writes a newc archive; parent folders are added as needed.
-struct Newc {
-    out: BufWriter<File>,
+struct Newc<W: Write> {
+    out: W,
     written: usize,
     next_inode: u32,
     dirs: BTreeSet<String>,
 }
 
-impl Newc {
+impl Newc<BufWriter<File>> {
     pub fn create(path: &Path) -> anyhow::Result<Self> {
-        Ok(Self {
-            out: BufWriter::new(File::create(path)?),
+        Ok(Self::new(BufWriter::new(File::create(path)?)))
+    }
+}
+
+impl<W: Write> Newc<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            out,
             written: 0,
             next_inode: 1,
             dirs: BTreeSet::new(),
-        })
+        }
     }
 
     pub fn dir(&mut self, path: &str) -> anyhow::Result<()> {
@@ -263,11 +278,11 @@ impl Newc {
         self.entry(path, S_IFCHR | 0o600, (major, minor), &[])
     }
 
-    /// Writes the trailer and flushes.
-    pub fn finish(mut self) -> anyhow::Result<()> {
+    /// Writes the trailer and flushes; returns the writer.
+    pub fn finish(mut self) -> anyhow::Result<W> {
         self.entry("TRAILER!!!", 0, (0, 0), &[])?;
         self.out.flush()?;
-        Ok(())
+        Ok(self.out)
     }
 
     fn parents(&mut self, path: &str) -> anyhow::Result<()> {
@@ -327,5 +342,181 @@ impl Newc {
     fn pad(&mut self) -> anyhow::Result<()> {
         let padding = (4 - self.written % 4) % 4;
         self.write(&[0; 3][..padding])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As `depmod` writes it for 6.1: wireguard's dependencies, the last
+    /// to be loaded first; tun is a dependency of another module too.
+    const MODULES_DEP: &str = "\
+kernel/drivers/net/wireguard/wireguard.ko: kernel/lib/crypto/libchacha20poly1305.ko kernel/arch/x86/crypto/chacha-x86_64.ko kernel/net/ipv4/udp_tunnel.ko kernel/lib/crypto/libchacha.ko
+kernel/drivers/net/tun.ko:
+kernel/drivers/net/veth.ko:
+kernel/drivers/vhost/vhost_net.ko: kernel/drivers/net/tun.ko kernel/drivers/vhost/vhost.ko
+kernel/lib/crypto/libchacha.ko:
+kernel/net/ipv4/udp_tunnel.ko:
+kernel/arch/x86/crypto/chacha-x86_64.ko: kernel/lib/crypto/libchacha.ko
+kernel/lib/crypto/libchacha20poly1305.ko: kernel/arch/x86/crypto/chacha-x86_64.ko kernel/lib/crypto/libchacha.ko
+kernel/net/sched/sch_ingress.ko.xz:
+kernel/net/sched/cls_bpf.ko.xz:
+";
+
+    #[test]
+    fn modules_load_after_their_dependencies_each_once() {
+        let order = order(MODULES_DEP, "", MODULES).unwrap();
+        assert_eq!(
+            order,
+            [
+                "kernel/drivers/net/veth.ko",
+                "kernel/drivers/net/tun.ko",
+                "kernel/net/sched/sch_ingress.ko.xz",
+                "kernel/net/sched/cls_bpf.ko.xz",
+                "kernel/lib/crypto/libchacha.ko",
+                "kernel/net/ipv4/udp_tunnel.ko",
+                "kernel/arch/x86/crypto/chacha-x86_64.ko",
+                "kernel/lib/crypto/libchacha20poly1305.ko",
+                "kernel/drivers/net/wireguard/wireguard.ko",
+            ]
+        );
+        // Every module after each of its dependencies.
+        let deps: HashMap<&str, Vec<&str>> = MODULES_DEP
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .map(|(module, deps)| (module, deps.split_whitespace().collect()))
+            .collect();
+        for (at, module) in order.iter().enumerate() {
+            for dep in &deps[module] {
+                let dep_at = order.iter().position(|m| m == dep);
+                assert!(dep_at.is_some_and(|d| d < at), "{dep} before {module}");
+            }
+        }
+    }
+
+    #[test]
+    fn modules_built_in_are_skipped_and_missing_ones_refused() {
+        let dep: String = MODULES_DEP
+            .lines()
+            .filter(|line| !line.contains("sch_ingress") && !line.contains("cls_bpf"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let builtin = "kernel/net/sched/sch_ingress.ko\nkernel/net/sched/cls_bpf.ko\n";
+        let loaded = order(&dep, builtin, MODULES).unwrap();
+        assert!(!loaded.iter().any(|m| m.contains("sch_ingress")));
+        assert_eq!(loaded.len(), 7);
+
+        let err = order(&dep, "kernel/net/sched/sch_ingress.ko\n", MODULES).unwrap_err();
+        assert!(err.to_string().contains("no module cls_bpf"), "{err}");
+    }
+
+    #[test]
+    fn load_order_reads_the_modules_folder() {
+        let dir = std::env::temp_dir().join(format!("xtask-modules-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("modules.dep"), MODULES_DEP).unwrap();
+        let order = load_order(&dir);
+        fs::remove_dir_all(&dir).unwrap();
+        let order = order.unwrap();
+        assert_eq!(order[0], dir.join("kernel/drivers/net/veth.ko"));
+        assert_eq!(order.len(), 9);
+    }
+
+    /// One entry of a newc archive, read back by the format's rules.
+    #[derive(Debug)]
+    struct Entry {
+        name: String,
+        inode: u32,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: Vec<u8>,
+    }
+
+    /// Reads a newc archive: a header of "070701" and 13 fields of 8 hex
+    /// digits, the name and its NUL, padding to 4 bytes, the data, padding
+    /// to 4 bytes; up to and with the trailer, which must end the archive.
+    fn read_newc(archive: &[u8]) -> Vec<Entry> {
+        let pad = |at: usize| at.next_multiple_of(4);
+        let mut entries = Vec::new();
+        let mut at = 0;
+        loop {
+            assert_eq!(at % 4, 0, "a header at {at}, not 4-byte aligned");
+            assert_eq!(&archive[at..at + 6], b"070701", "magic at {at}");
+            let field = |index: usize| {
+                let start = at + 6 + index * 8;
+                let hex = std::str::from_utf8(&archive[start..start + 8]).unwrap();
+                u32::from_str_radix(hex, 16).unwrap()
+            };
+            let (size, name_size) = (field(6) as usize, field(11) as usize);
+            let name_at = at + 110;
+            assert_eq!(archive[name_at + name_size - 1], 0, "a NUL ends the name");
+            let name = std::str::from_utf8(&archive[name_at..name_at + name_size - 1]).unwrap();
+            let data_at = pad(name_at + name_size);
+            assert!(
+                archive[name_at + name_size..data_at]
+                    .iter()
+                    .all(|&b| b == 0),
+                "padding is zeros"
+            );
+            entries.push(Entry {
+                name: name.to_owned(),
+                inode: field(0),
+                mode: field(1),
+                nlink: field(4),
+                rdev: (field(9), field(10)),
+                data: archive[data_at..data_at + size].to_vec(),
+            });
+            at = pad(data_at + size);
+            if name == "TRAILER!!!" {
+                assert_eq!(at, archive.len(), "nothing after the trailer");
+                return entries;
+            }
+        }
+    }
+
+    #[test]
+    fn newc_archive_reads_back() {
+        let mut archive = Newc::new(Vec::new());
+        // Sizes 5 and 7 and names of every length modulo 4 exercise the
+        // padding.
+        archive.file("/vm/tests/verdicts", 0o755, b"hello").unwrap();
+        archive.dir("proc").unwrap();
+        archive.dir("vm").unwrap();
+        archive.symlink("bin/sh", "busybox").unwrap();
+        archive.char_device("dev/console", 5, 1).unwrap();
+        archive.file("vm/env", 0o644, b"PATH=/\n").unwrap();
+        let bytes = archive.finish().unwrap();
+        assert_eq!(bytes.len() % 4, 0);
+
+        let entries = read_newc(&bytes);
+        let listed: Vec<(&str, u32, &[u8])> = entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.mode, e.data.as_slice()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("vm", 0o040_755, &b""[..]),
+                ("vm/tests", 0o040_755, b""),
+                ("vm/tests/verdicts", 0o100_755, b"hello"),
+                ("proc", 0o040_755, b""),
+                ("bin", 0o040_755, b""),
+                ("bin/sh", 0o120_777, b"busybox"),
+                ("dev", 0o040_755, b""),
+                ("dev/console", 0o020_600, b""),
+                ("vm/env", 0o100_644, b"PATH=/\n"),
+                ("TRAILER!!!", 0, b""),
+            ]
+        );
+        let console = &entries[7];
+        assert_eq!(console.rdev, (5, 1));
+        for entry in &entries[..entries.len() - 1] {
+            let is_dir = entry.mode & 0o170_000 == S_IFDIR;
+            assert_eq!(entry.nlink, if is_dir { 2 } else { 1 }, "{}", entry.name);
+        }
+        let inodes: BTreeSet<u32> = entries.iter().map(|e| e.inode).collect();
+        assert_eq!(inodes.len(), entries.len(), "every entry its own inode");
     }
 }

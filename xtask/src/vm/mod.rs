@@ -17,10 +17,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{step, workspace_root};
+use crate::{
+    cmd::{step, workspace_root},
+    setup,
+};
 use initramfs::Suite;
 pub use kernels::{KERNELS, Kernel};
-use qemu::Report;
+use qemu::{Accelerator, Report};
 
 /// A test binary that runs in every VM.
 struct SuiteSpec {
@@ -84,6 +87,8 @@ pub struct Options {
     filter: Vec<String>,
 }
 
+/// Sets up first, as `test` and `demo` do: building the test binaries needs
+/// bpf-linker, and the VMs need qemu, busybox-static, kmod and xz-utils.
 pub fn run(options: &Options) -> anyhow::Result<()> {
     let kernels: Vec<Kernel> = match options.kernel.as_str() {
         "all" => KERNELS.to_vec(),
@@ -95,6 +100,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             )
         })?],
     };
+    setup::run()?;
     matrix(&kernels, &options.filter)
 }
 
@@ -134,6 +140,7 @@ pub fn matrix(kernels: &[Kernel], filter: &[String]) -> anyhow::Result<()> {
     }
     // All VMs at once: under TCG each keeps a core busy, so more VMs than
     // cores share them, which the timeout allows for.
+    let accelerator = Accelerator::detect();
     let cores = thread::available_parallelism().map_or(1, usize::from);
     let timeout = VM_TIMEOUT * u32::try_from(vms.len().div_ceil(cores))?;
     thread::scope(|scope| {
@@ -142,7 +149,7 @@ pub fn matrix(kernels: &[Kernel], filter: &[String]) -> anyhow::Result<()> {
             .map(|(kernel, vm)| {
                 scope.spawn(move || {
                     let started = Instant::now();
-                    (*kernel, vm.boot(timeout), started.elapsed())
+                    (*kernel, vm.boot(accelerator, timeout), started.elapsed())
                 })
             })
             .collect();
@@ -265,13 +272,19 @@ fn prepare(
 }
 
 impl Vm {
-    fn boot(&self, timeout: Duration) -> anyhow::Result<Report> {
+    fn boot(&self, accelerator: Accelerator, timeout: Duration) -> anyhow::Result<Report> {
         step(&format!(
             "booting {}; console in {}",
             self.kernel.release,
             self.console.display()
         ));
-        let console = qemu::boot(&self.kernel.vmlinuz, &self.initrd, &self.console, timeout)?;
+        let console = qemu::boot(
+            accelerator,
+            &self.kernel.vmlinuz,
+            &self.initrd,
+            &self.console,
+            timeout,
+        )?;
         Ok(qemu::parse(&console))
     }
 }
@@ -399,4 +412,59 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_reports_each_failure_with_its_kernel_and_what_it_said() {
+        let console = "\
+MESH-VM kernel 6.1.0-56-cloud-amd64
+MESH-VM module-failed 03-cls_bpf.ko
+MESH-VM suite-begin verdicts
+test granted_flows ... ok
+test denied_flows ... FAILED
+Verifier output: R1 invalid mem access 'scalar'
+MESH-VM suite-end verdicts 101 1.0 2.0
+MESH-VM suite-begin traffic
+";
+        let results = [
+            (KERNELS[0], Ok(qemu::parse(console)), Duration::ZERO),
+            (
+                KERNELS[1],
+                Err(anyhow::anyhow!("the kernel panicked")),
+                Duration::ZERO,
+            ),
+        ];
+        let failures = print_table(&results);
+        assert_eq!(failures.len(), 5, "{failures:#?}");
+        let verdicts = &failures[0];
+        for said in [
+            "kernel 6.1 (6.1.0-56-cloud-amd64)",
+            "suite verdicts",
+            "failed tests: denied_flows",
+            "R1 invalid mem access 'scalar'",
+        ] {
+            assert!(verdicts.contains(said), "{said} in {verdicts}");
+        }
+        assert!(failures[1].contains("suite traffic"), "{}", failures[1]);
+        assert!(failures[2].contains("03-cls_bpf.ko"), "{}", failures[2]);
+        assert!(failures[3].contains("stopped before all suites ran"));
+        assert_eq!(failures[4], "kernel 6.12: the kernel panicked");
+    }
+
+    #[test]
+    fn a_clean_run_reports_no_failure() {
+        let console = "\
+MESH-VM kernel 7.3.4-cloud-amd64
+MESH-VM suite-begin l3
+test l3_program_on_tun ... ok
+MESH-VM suite-end l3 0 1.0 2.0
+MESH-VM done
+";
+        let results = [(KERNELS[2], Ok(qemu::parse(console)), Duration::ZERO)];
+        assert!(print_table(&results).is_empty());
+    }
 }
