@@ -7,8 +7,9 @@
 //! what A's policy wrongly allows; records with forged, expired or
 //! overreaching join tokens, records signed by another key than their
 //! token's, and replayed older records never become peers; a key rotation
-//! keeps a TCP connection alive (the pause is reported); a removed node's
-//! peer goes, and teardown removes what the agent left; a revocation on A
+//! keeps a TCP connection alive (the pause is reported); losing the store
+//! keeps the peers, but for one whose join token expires meanwhile; a
+//! removed node's peer goes, and teardown removes what the agent left; a revocation on A
 //! is enforced on B within a second; a process bound with `exec` on A is
 //! known to B by its address, through A's signed bindings, until it exits,
 //! and bindings claiming another node's addresses are rejected; the
@@ -651,12 +652,50 @@ fn a_reaches_its_granted_service_on_b_through_wireguard_only() -> Result<()> {
 
     reaches_b_through_wireguard_only(&a, &b)?;
 
+    // The store goes (its folder moved away): the last good state stays,
+    // but for a peer whose join token expires meanwhile. A node with a
+    // short-lived token is a peer first.
+    let brief = Duration::from_secs(12);
+    let issued = SystemTime::now();
+    mesh.plant(
+        &mesh.admin,
+        "brief",
+        "198.18.6.0/24",
+        "198.18.6.0/24",
+        (issued, brief),
+    )?;
+    let peers = || a.metric("mesh_node_peers");
+    a.wait_for("the short-lived node to become a peer", || {
+        Ok(peers()? == 2.0)
+    })?;
+    let store_errors = || a.metric("mesh_node_store_errors_total");
+    let errors = store_errors()?;
+    let lost = mesh.dir.path().join("store.lost");
+    std::fs::rename(mesh.store_dir(), &lost)?;
+    a.wait_for("the store to fail", || Ok(store_errors()? > errors))?;
+    ensure!(peers()? == 2.0, "losing the store lost a peer");
+    a.reaches(SERVICE_B)?;
+    let errors = store_errors()?;
+    a.wait_up_to(
+        brief + Duration::from_secs(10),
+        "the expired peer to go",
+        || Ok(peers()? == 1.0),
+    )?;
+    ensure!(
+        SystemTime::now() >= issued + brief - Duration::from_secs(1),
+        "the short-lived peer went before its token expired"
+    );
+    ensure!(
+        store_errors()? > errors,
+        "the store was read again before the expired peer went"
+    );
+    a.reaches(SERVICE_B)?;
+    std::fs::rename(&lost, mesh.store_dir())?;
+
     // B leaves: its record goes, and A drops the peer.
     b.agent.take();
     std::fs::remove_file(mesh.store_dir().join("node-b.json"))?;
-    a.wait_for("the removed node's peer to go", || {
-        Ok(a.metric("mesh_node_peers")? == 0.0)
-    })?;
+    a.wait_for("the removed node's peer to go", || Ok(peers()? == 0.0))?;
 
     // A stops: the blackhole under the mesh's range stays until teardown.
     a.agent.take();

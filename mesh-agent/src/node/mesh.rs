@@ -3,7 +3,7 @@
 //! equal to the valid records of the store, its revocations to its peers'
 //! and the peers' bindings it hands the agent to theirs — on every change
 //! of the store, and every few seconds, so that a token that expires takes
-//! its node out without a change.
+//! its node out without a change, or while the store cannot be read.
 //!
 //! Encrypt or drop: the mesh's whole range is routed into the mesh
 //! interface from the start, where WireGuard sends a packet to the peer
@@ -186,6 +186,17 @@ pub struct Mesh {
     counters: Counters,
     /// Rejections already logged and counted, so each is reported once.
     rejected: BTreeSet<(String, &'static str)>,
+    /// The store's last good read, checked again while it cannot be read.
+    last_read: Option<StoreRead>,
+}
+
+/// What a read of the store found: the node records, the revocation lists
+/// and binding sets of the other nodes, and the admin's revocations.
+struct StoreRead {
+    entries: Vec<Entry>,
+    lists: Vec<Entry>,
+    sets: Vec<Entry>,
+    revoked: Vec<Entry>,
 }
 
 impl Mesh {
@@ -268,6 +279,7 @@ impl Mesh {
             store,
             counters,
             rejected: BTreeSet::new(),
+            last_read: None,
         })
     }
 
@@ -546,7 +558,8 @@ impl Mesh {
     /// Reads the store, checks every record and brings the peers to the
     /// valid ones, the revocations to theirs, and what the agent knows of
     /// their bindings to their sets. A store that cannot be read changes
-    /// nothing.
+    /// nothing but what time changes: its last good read is checked again,
+    /// so that a peer whose join token expires meanwhile still goes.
     async fn sync(&mut self) {
         let (entries, lists, sets, revoked) = match (
             self.store.read(Section::Nodes).await,
@@ -558,6 +571,10 @@ impl Mesh {
             (Err(err), ..) | (_, Err(err), ..) | (_, _, Err(err), _) | (.., Err(err)) => {
                 self.counters.store_errors.inc();
                 tracing::warn!(error = %err, "cannot read the store; the last good state stays");
+                if let Some(last) = self.last_read.take() {
+                    self.apply(&last).await;
+                    self.last_read = Some(last);
+                }
                 return;
             }
         };
@@ -575,23 +592,36 @@ impl Mesh {
         if stale(&entries, &own, self.published.as_ref()) {
             self.publish().await;
         }
-        let local = self.local();
-        let now = SystemTime::now();
-        let revoked_rejected = self.checker.update_revoked(&revoked, now);
-        let mut membership = self.checker.check(&entries, &local, now);
-        membership.rejected.extend(revoked_rejected);
         let others = |entries: Vec<Entry>| -> Vec<Entry> {
             entries
                 .into_iter()
                 .filter(|e| e.name != own.as_str())
                 .collect()
         };
+        let read = StoreRead {
+            entries,
+            lists: others(lists),
+            sets: others(sets),
+            revoked,
+        };
+        self.apply(&read).await;
+        self.last_read = Some(read);
+    }
+
+    /// Checks what the store held, as of now, and brings the peers, the
+    /// revocations and the peers' bindings to it.
+    async fn apply(&mut self, read: &StoreRead) {
+        let local = self.local();
+        let now = SystemTime::now();
+        let revoked_rejected = self.checker.update_revoked(&read.revoked, now);
+        let mut membership = self.checker.check(&read.entries, &local, now);
+        membership.rejected.extend(revoked_rejected);
         membership
             .rejected
-            .extend(self.remote.update(&others(lists), &membership.peers));
+            .extend(self.remote.update(&read.lists, &membership.peers));
         membership
             .rejected
-            .extend(self.peer_sets.update(&others(sets), &membership.peers));
+            .extend(self.peer_sets.update(&read.sets, &membership.peers));
         let peer_sets = &self.peer_sets;
         self.peer_bindings.send_if_modified(|current| {
             let now = bindings::peer_bindings(peer_sets);
