@@ -2,18 +2,21 @@
 //! XDP on ingress and TC on egress of the client's interface, the client
 //! reaching a server through a router. Granted flows and their replies work,
 //! ungranted ones fail, and a router's "fragmentation needed" for a live
-//! flow gets back to the client.
+//! flow gets back to the client. The kernel says how TC is attached: by a
+//! tcx link from 6.6 on, as a clsact filter before.
 
 use std::{
+    fs,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
     thread,
     time::Duration,
 };
 
-use aya::programs::{TcAttachType, XdpMode};
+use anyhow::{bail, ensure};
+use aya::programs::{SchedClassifier, TcAttachType, XdpMode, links::LinkType, loaded_links};
 use mesh_agent::datapath::{Clock, Datapath, GrantLimits, PolicyEntries, PortBlock, Prefix};
-use mesh_common::proto;
+use mesh_common::{programs, proto};
 use mesh_tests::{NetNs, VethEnd, require_root, tcp_echo_server, tcp_echo_works, veth_pair};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -197,6 +200,25 @@ fn real_traffic_through_xdp_ingress_and_tc_egress() -> anyhow::Result<()> {
         ])
     })??;
 
+    let tcx = kernel_has_tcx()?;
+    let (by_tcx, by_clsact) = net.client.enter(tc_egress)??;
+    if tcx {
+        assert_eq!(by_tcx?, [programs::TC], "a tcx link from 6.6 on");
+        assert_eq!(by_clsact, [], "no clsact filter where tcx is");
+    } else {
+        assert!(by_tcx.is_err(), "a kernel before 6.6 knows no tcx");
+        assert_eq!(
+            by_clsact,
+            [Filter {
+                kind: "bpf".to_owned(),
+                priority: 1,
+                handle: 0x6d65_7368,
+                program: programs::TC.to_owned(),
+            }],
+            "mesh's clsact filter before 6.6"
+        );
+    }
+
     assert!(
         tcp_echo_works(
             &net.client,
@@ -237,6 +259,11 @@ fn real_traffic_through_xdp_ingress_and_tc_egress() -> anyhow::Result<()> {
         }
         Ok(())
     })??;
+    let (by_tcx, by_clsact) = net.client.enter(tc_egress)??;
+    if tcx {
+        assert_eq!(by_tcx?, Vec::<String>::new(), "detached: no tcx link left");
+    }
+    assert_eq!(by_clsact, [], "detached: no clsact filter left");
     assert!(
         tcp_echo_works(
             &net.client,
@@ -247,4 +274,188 @@ fn real_traffic_through_xdp_ingress_and_tc_egress() -> anyhow::Result<()> {
         "detached: everything works again"
     );
     Ok(())
+}
+
+/// Whether the running kernel has tcx: 6.6 and later, by its release
+/// ("6.1.0-56-cloud-amd64").
+fn kernel_has_tcx() -> anyhow::Result<bool> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut numbers = release.trim().split(['.', '-']).map(str::parse::<u32>);
+    let (Some(Ok(major)), Some(Ok(minor))) = (numbers.next(), numbers.next()) else {
+        bail!("a kernel release without a version: {release}");
+    };
+    Ok((major, minor) >= (6, 6))
+}
+
+/// The programs on the client's egress, in its namespace: by tcx, each
+/// named and checked to be held by a tcx link (an error where the kernel
+/// has no tcx), and by clsact filters.
+fn tc_egress() -> anyhow::Result<(anyhow::Result<Vec<String>>, Vec<Filter>)> {
+    let by_tcx = SchedClassifier::query_tcx("c0", TcAttachType::Egress)
+        .map_err(anyhow::Error::from)
+        .and_then(|(_, attached)| {
+            // Other tests' links may vanish while listed: skip what fails.
+            let tcx_links: Vec<u32> = loaded_links()
+                .filter_map(Result::ok)
+                .filter(|link| matches!(link.link_type(), Ok(LinkType::Tcx)))
+                .map(|link| link.program_id())
+                .collect();
+            attached
+                .iter()
+                .map(|program| {
+                    let name = program.name_as_str().unwrap_or_default().to_owned();
+                    ensure!(tcx_links.contains(&program.id()), "{name}: no tcx link");
+                    Ok(name)
+                })
+                .collect()
+        });
+    Ok((by_tcx, clsact_egress_filters("c0")?))
+}
+
+/// A filter on a clsact hook, as the kernel lists it.
+#[derive(Debug, PartialEq)]
+struct Filter {
+    kind: String,
+    priority: u16,
+    handle: u32,
+    /// The BPF program's name (`TCA_BPF_NAME`) for a bpf filter.
+    program: String,
+}
+
+/// The filters on `interface`'s clsact egress hook, in the calling thread's
+/// namespace, through an RTM_GETTFILTER dump: busybox in the test VMs has no
+/// `tc`. None where there is no clsact qdisc.
+fn clsact_egress_filters(interface: &str) -> anyhow::Result<Vec<Filter>> {
+    // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS).
+    const CLSACT_EGRESS: u32 = 0xffff_fff3;
+    const TCA_KIND: u16 = 1;
+    const TCA_OPTIONS: u16 = 2;
+    const TCA_BPF_NAME: u16 = 7;
+    const NLMSG_HDRLEN: usize = 16;
+    const TCMSG_LEN: usize = 20;
+    const NLMSG_ERROR: u16 = libc::NLMSG_ERROR as u16;
+    const NLMSG_DONE: u16 = libc::NLMSG_DONE as u16;
+
+    let ifindex = nix::net::if_::if_nametoindex(interface)?;
+    // SAFETY: socket(2) with constant arguments; the fd is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "netlink socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd, owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    // struct nlmsghdr, then struct tcmsg: family, padding, ifindex, handle,
+    // parent, info.
+    let mut request = Vec::new();
+    request.extend(((NLMSG_HDRLEN + TCMSG_LEN) as u32).to_ne_bytes());
+    request.extend(libc::RTM_GETTFILTER.to_ne_bytes());
+    request.extend(((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    request.extend([1u32, 0].map(u32::to_ne_bytes).concat());
+    request.extend([libc::AF_UNSPEC as u8, 0, 0, 0]);
+    request.extend(
+        [ifindex, 0, CLSACT_EGRESS, 0]
+            .map(u32::to_ne_bytes)
+            .concat(),
+    );
+    // SAFETY: the request's bytes, to the kernel (the socket's default peer).
+    let sent = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+        )
+    };
+    ensure!(
+        sent >= 0,
+        "netlink send: {}",
+        std::io::Error::last_os_error()
+    );
+
+    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let text =
+        |b: &[u8]| String::from_utf8_lossy(b.split(|&c| c == 0).next().unwrap_or(b)).into_owned();
+
+    let mut filters = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        // SAFETY: receives into a buffer of the length passed.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        ensure!(n > 0, "netlink recv: {}", std::io::Error::last_os_error());
+        let mut messages = &buf[..n as usize];
+        while messages.len() >= NLMSG_HDRLEN {
+            let len = u32_at(messages, 0) as usize;
+            ensure!(
+                len >= NLMSG_HDRLEN && len <= messages.len(),
+                "a torn netlink message"
+            );
+            let message = &messages[..len];
+            match u16_at(message, 4) {
+                NLMSG_DONE => return Ok(filters),
+                NLMSG_ERROR => {
+                    let code = i32::from_ne_bytes(message[16..20].try_into()?);
+                    bail!(
+                        "listing filters: {}",
+                        std::io::Error::from_raw_os_error(-code)
+                    );
+                }
+                libc::RTM_NEWTFILTER => {
+                    let handle = u32_at(message, NLMSG_HDRLEN + 8);
+                    let info = u32_at(message, NLMSG_HDRLEN + 16);
+                    let mut filter = Filter {
+                        kind: String::new(),
+                        priority: (info >> 16) as u16,
+                        handle,
+                        program: String::new(),
+                    };
+                    for (kind, value) in attributes(&message[NLMSG_HDRLEN + TCMSG_LEN..]) {
+                        match kind {
+                            TCA_KIND => filter.kind = text(value),
+                            TCA_OPTIONS => {
+                                if let Some((_, name)) = attributes(value)
+                                    .into_iter()
+                                    .find(|(kind, _)| *kind == TCA_BPF_NAME)
+                                {
+                                    filter.program = text(name);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    // Each priority's first message names its classifier,
+                    // with no handle: not a filter.
+                    if handle != 0 {
+                        filters.push(filter);
+                    }
+                }
+                _ => {}
+            }
+            messages = &messages[len.next_multiple_of(4).min(messages.len())..];
+        }
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+/// The netlink attributes in `b`: type (without the nested and byte-order
+/// flags) and value.
+fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut found = Vec::new();
+    while b.len() >= 4 && usize::from(u16_at(b, 0)) >= 4 {
+        let len = usize::from(u16_at(b, 0)).min(b.len());
+        found.push((u16_at(b, 2) & 0x3fff, &b[4..len]));
+        b = &b[len.next_multiple_of(4).min(b.len())..];
+    }
+    found
 }
