@@ -17,7 +17,11 @@
 //!   DaemonSet patches of docs/operations.md add, with
 //!   `mesh-agent run --check`, read out of the files (environment and
 //!   paths resolved as the kubelet and systemd resolve them) so that they
-//!   cannot drift from what the agent accepts.
+//!   cannot drift from what the agent accepts;
+//! - the capabilities the DaemonSet and the unit grant (the same three):
+//!   the real agent, run as root with only those on a veth in namespaces
+//!   of its own, starts, enforces and adopts its pins, and without any one
+//!   of them cannot start (this test needs root).
 //!
 //! The tools come from `cargo xtask setup`: systemd-analyze from Debian's
 //! systemd, kubectl, kubernetes-validate and the Prometheus Operator's
@@ -30,9 +34,11 @@ use std::{
     io::Write as _,
     path::{Component, Path, PathBuf},
     process::{Command, Output, Stdio},
+    time::{Duration, Instant},
 };
 
 use mesh_agent::identity::{Algorithm, IssuerKey};
+use mesh_tests::{BpfFs, CLIENT, ClientServer, METRICS, SERVER, http_get, require_root};
 use serde_json::Value;
 
 /// The Kubernetes versions whose API schemas the manifests must satisfy:
@@ -1285,4 +1291,268 @@ fn the_containerfile_fits_the_deployments() {
             "the Containerfile's build stage installs no {package}"
         );
     }
+}
+
+/// The capabilities the deployments give the agent, in setpriv's spelling
+/// (`bpf`, `net_admin`, …): what the DaemonSet's container adds after
+/// dropping all, which must be the unit's bounding set. Both run the agent
+/// as root without new privileges.
+fn granted_capabilities() -> Vec<String> {
+    let docs = kustomize(&deploy().join("kubernetes"));
+    let security = &container(&docs)["securityContext"];
+    assert_eq!(security["runAsUser"], 0);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    let mut pod: Vec<String> = list(&security["capabilities"]["add"])
+        .iter()
+        .map(|cap| cap.as_str().unwrap().to_ascii_lowercase())
+        .collect();
+    let unit = parse_unit(&unit_source());
+    assert_eq!(setting(&unit, "Service", "NoNewPrivileges"), "yes");
+    assert!(
+        !unit["Service"].contains_key("User"),
+        "the unit runs as root"
+    );
+    let mut bounded: Vec<String> = setting(&unit, "Service", "CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|cap| cap.strip_prefix("CAP_").unwrap().to_ascii_lowercase())
+        .collect();
+    pod.sort();
+    bounded.sort();
+    assert_eq!(pod, bounded, "the DaemonSet and the unit grant the same");
+    pod
+}
+
+/// The bit of a capability in /proc/PID/status (linux/capability.h).
+fn capability_bit(name: &str) -> u64 {
+    let number = match name {
+        "net_admin" => 12,
+        "perfmon" => 38,
+        "bpf" => 39,
+        _ => panic!("no number for capability {name} in the test"),
+    };
+    1 << number
+}
+
+/// The policy of the capability test: the client may reach the server on
+/// UDP `ports`, of the service's 7000-7009.
+fn client_server_policy(ports: &[u16]) -> String {
+    let ports: Vec<String> = ports.iter().map(|port| format!("\"{port}/udp\"")).collect();
+    format!(
+        "version = 1\ntrust_domain = \"acme.internal\"\n\n\
+         [[identity]]\nid = \"spiffe://acme.internal/agent/client\"\naddresses = [\"{CLIENT}/32\"]\n\n\
+         [[service]]\nname = \"server\"\naddresses = [\"{SERVER}/32\"]\nports = [\"7000-7009/udp\"]\n\n\
+         [[grant]]\nfrom = [\"spiffe://acme.internal/agent/client\"]\nto = [\"server\"]\nports = [{}]\n",
+        ports.join(", ")
+    )
+}
+
+/// `mesh-agent run` on the server's veth, as root with only `caps` (the
+/// bounding set, hence also what root's exec keeps) and no new privileges,
+/// as the DaemonSet's runtime and the unit's systemd start it. Killed on
+/// drop; its stderr goes to a file, for failure messages.
+struct RestrictedAgent {
+    child: std::process::Child,
+    stderr: PathBuf,
+}
+
+impl RestrictedAgent {
+    fn start(
+        net: &ClientServer,
+        caps: &[String],
+        pins: &Path,
+        dir: &Path,
+        run: usize,
+    ) -> anyhow::Result<Self> {
+        let bounding: String = caps.iter().map(|cap| format!(",+{cap}")).collect();
+        let stderr = dir.join(format!("agent-{run}.log"));
+        let child = net
+            .server
+            .command("setpriv")?
+            .args(["--reuid=0", "--regid=0", "--clear-groups", "--no-new-privs"])
+            .args(["--inh-caps=-all", "--ambient-caps=-all"])
+            .arg(format!("--bounding-set=-all{bounding}"))
+            .arg(env!("CARGO_BIN_EXE_mesh-agent"))
+            .args(["run", "--interface", "veth-s", "--policy"])
+            .arg(dir.join("policy.toml"))
+            .arg("--bpffs")
+            .arg(pins)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr)?)
+            .spawn()?;
+        Ok(Self { child, stderr })
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until /readyz answers 200; fails with the agent's log if it
+    /// exits or takes longer than 15 s.
+    fn wait_ready(&mut self, net: &ClientServer) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("the agent exited ({status}):\n{}", self.log());
+            }
+            if http_get(&net.server, METRICS, "/readyz")
+                .is_ok_and(|response| response.starts_with("HTTP/1.1 200"))
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "not ready after 15 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits up to 15 s for the agent to exit by itself.
+    fn wait_exit(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::bail!("the agent still runs after 15 s:\n{}", self.log())
+    }
+
+    /// The capability sets of the running agent, from /proc: (effective,
+    /// bounding).
+    fn capabilities(&self) -> anyhow::Result<(u64, u64)> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let set = |name: &str| -> anyhow::Result<u64> {
+            let hex = status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .ok_or_else(|| anyhow::anyhow!("no {name} in /proc"))?;
+            Ok(u64::from_str_radix(hex.trim(), 16)?)
+        };
+        Ok((set("CapEff:")?, set("CapBnd:")?))
+    }
+}
+
+impl Drop for RestrictedAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent runs on exactly the capabilities the DaemonSet and the unit
+/// grant: it starts, attaches, answers /readyz, enforces, applies a change
+/// live and, restarted, adopts its pins; and with any one of them left out
+/// it cannot start, so none of them is superfluous. (A node has its bpffs
+/// mounted already; mounting one is the only thing the agent would need
+/// CAP_SYS_ADMIN for.)
+#[test]
+fn the_agent_runs_with_only_the_granted_capabilities() -> anyhow::Result<()> {
+    const PACKETS: usize = 10;
+    let patience = Duration::from_millis(500);
+    require_root();
+    let caps = granted_capabilities();
+    let net = ClientServer::new()?;
+    let dir = tempfile::tempdir()?;
+    fs::write(
+        dir.path().join("policy.toml"),
+        client_server_policy(&[7000]),
+    )?;
+    let mut starts = 0;
+
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|cap| *cap != missing).cloned().collect();
+        let bpffs = BpfFs::mount()?;
+        starts += 1;
+        let mut agent =
+            RestrictedAgent::start(&net, &fewer, &bpffs.path().join("mesh"), dir.path(), starts)?;
+        let status = agent.wait_exit()?;
+        let log = agent.log();
+        assert!(!status.success(), "without {missing} the agent started");
+        assert!(
+            log.contains("Operation not permitted") || log.contains("Permission denied"),
+            "without {missing}, refused by the kernel:\n{log}"
+        );
+        let links = net.server.ip(&["-d", "link", "show", "veth-s"])?;
+        assert!(!links.contains("xdp"), "without {missing}: {links}");
+    }
+
+    let bpffs = BpfFs::mount()?;
+    let pins = bpffs.path().join("mesh");
+    starts += 1;
+    let mut agent = RestrictedAgent::start(&net, &caps, &pins, dir.path(), starts)?;
+    agent.wait_ready(&net)?;
+    let mask = caps
+        .iter()
+        .map(|cap| capability_bit(cap))
+        .fold(0, |a, b| a | b);
+    assert_eq!(
+        agent.capabilities()?,
+        (mask, mask),
+        "the agent holds exactly the granted capabilities"
+    );
+    let healthz = http_get(&net.server, METRICS, "/healthz")?;
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    assert_eq!(
+        net.udp_delivered(7000, PACKETS, patience)?,
+        PACKETS,
+        "granted"
+    );
+    assert_eq!(
+        net.udp_delivered(7001, PACKETS, patience)?,
+        0,
+        "not granted"
+    );
+    let status = text(
+        &Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+            .args(["status", "--bpffs"])
+            .arg(&pins)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .output()?
+            .stdout,
+    );
+    assert!(status.contains("agent: running"), "{status}");
+    assert!(status.contains("attached: veth-s xdp"), "{status}");
+    assert!(status.contains("attached: veth-s tc-egress"), "{status}");
+
+    // A restart (an upgrade, a rescheduled pod) adopts the pins with the
+    // same capabilities, and the maps take live changes.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    assert!(agent.wait_exit()?.success(), "{}", agent.log());
+    starts += 1;
+    let mut agent = RestrictedAgent::start(&net, &caps, &pins, dir.path(), starts)?;
+    agent.wait_ready(&net)?;
+    assert!(
+        agent.log().contains("adopted the pinned datapath"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        net.udp_delivered(7000, PACKETS, patience)?,
+        PACKETS,
+        "adopted"
+    );
+    assert_eq!(net.udp_delivered(7001, PACKETS, patience)?, 0);
+    let aside = dir.path().join(".policy.toml.new");
+    fs::write(&aside, client_server_policy(&[7000, 7001]))?;
+    fs::rename(&aside, dir.path().join("policy.toml"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while net.udp_delivered(7001, PACKETS, patience)? != PACKETS {
+        assert!(
+            Instant::now() < deadline,
+            "a grant added live did not take effect:\n{}",
+            agent.log()
+        );
+    }
+    Ok(())
 }
