@@ -3,8 +3,9 @@
 //! token, the records meet in a store — a directory, or an etcd cluster the
 //! test starts — and boringtun carries the tunnel (this kernel may lack
 //! WireGuard). Checked: an agent on node A reaches its granted service on
-//! node B through the tunnel; the veth carries only WireGuard; B refuses
-//! what A's policy wrongly allows; records with forged, expired or
+//! node B through the tunnel; the veth carries only WireGuard, and nothing
+//! for a node that is no peer (or for any, once the agent stopped) leaves
+//! in clear; B refuses what A's policy wrongly allows; records with forged, expired or
 //! overreaching join tokens, records signed by another key than their
 //! token's, and replayed older records never become peers; a key rotation
 //! keeps a TCP connection alive (the pause is reported); losing the store
@@ -24,7 +25,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Stdio},
@@ -619,6 +620,60 @@ fn wireguard_only(frame: &[u8]) -> Result<bool, String> {
     }
 }
 
+/// The destination of an IPv4 frame.
+fn ipv4_destination(frame: &[u8]) -> Option<Ipv4Addr> {
+    let ip = frame.get(14..)?;
+    (frame.get(12..14)? == [0x08, 0x00]).then_some(())?;
+    let destination: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
+    Some(destination.into())
+}
+
+/// Encrypt or drop, with traffic: node A, with no peer for `to`'s address
+/// in the mesh, sends to it — a TCP connection and a datagram, from `from`
+/// (A's agent, which A's policy lets reach `to`; `None` once the agent is
+/// gone) — while its underlay is captured. The connection fails and no
+/// frame for the mesh leaves in clear, though a default route via B's
+/// underlay address would carry it: it carries a datagram to an address
+/// outside the mesh, sent to prove that the capture sees clear traffic.
+fn nothing_leaves_a_in_clear(a: &Node, from: Option<Ipv4Addr>, to: SocketAddr) -> Result<()> {
+    a.ns.ip(&["route", "replace", "default", "via", "192.0.2.2"])?;
+    let outside = SocketAddr::from(([203, 0, 113, 1], 9));
+    let capture = Capture::start(&a.ns, "under-a")?;
+    let sent = a.ns.enter(|| -> Result<std::io::Result<()>> {
+        let source = SocketAddr::from((from.unwrap_or(Ipv4Addr::UNSPECIFIED), 0));
+        // Into the mesh: dropped, whether it gets an error or not.
+        if let Ok(udp) = std::net::UdpSocket::bind(source) {
+            let _ = udp.send_to(b"in clear?", to);
+        }
+        std::net::UdpSocket::bind("0.0.0.0:0")?.send_to(b"in clear", outside)?;
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&source.into())?;
+        Ok(socket.connect_timeout(&to.into(), PATIENCE))
+    })?;
+    // The capture reads in 50 ms steps: let it see the last frames.
+    thread::sleep(Duration::from_millis(200));
+    let frames = capture.finish();
+    let connected = sent?;
+    ensure!(
+        connected.is_err(),
+        "A connected to {to} with no peer for it"
+    );
+    let mesh: ipnet::Ipv4Net = MESH.parse()?;
+    let mut outside_seen = false;
+    for destination in frames.iter().filter_map(|frame| ipv4_destination(frame)) {
+        ensure!(
+            !mesh.contains(&destination),
+            "a packet for {destination} left A's underlay in clear"
+        );
+        outside_seen |= IpAddr::V4(destination) == outside.ip();
+    }
+    ensure!(
+        outside_seen,
+        "the capture saw no clear datagram, so it proves nothing"
+    );
+    Ok(())
+}
+
 /// A's agent reaches B's granted service and not its ungranted port, B
 /// enforcing; meanwhile B's underlay carries WireGuard and nothing else.
 fn reaches_b_through_wireguard_only(a: &Node, b: &Node) -> Result<()> {
@@ -696,8 +751,11 @@ fn a_reaches_its_granted_service_on_b_through_wireguard_only() -> Result<()> {
     b.agent.take();
     std::fs::remove_file(mesh.store_dir().join("node-b.json"))?;
     a.wait_for("the removed node's peer to go", || Ok(peers()? == 0.0))?;
+    // With no peer for B's prefix, nothing for it leaves in clear.
+    nothing_leaves_a_in_clear(&a, Some(AGENT_A), SERVICE_B)?;
 
-    // A stops: the blackhole under the mesh's range stays until teardown.
+    // A stops: the blackhole under the mesh's range stays until teardown,
+    // and still nothing for the mesh leaves in clear.
     a.agent.take();
     let blackhole = |a: &Node| -> Result<bool> {
         Ok(a.ns
@@ -705,6 +763,7 @@ fn a_reaches_its_granted_service_on_b_through_wireguard_only() -> Result<()> {
             .contains(&format!("blackhole {MESH}")))
     };
     ensure!(blackhole(&a)?, "no blackhole route after the agent stopped");
+    nothing_leaves_a_in_clear(&a, None, SERVICE_B)?;
     let output = a.teardown()?;
     ensure!(
         String::from_utf8_lossy(&output.stdout).contains("mesh interface mesh0"),
@@ -722,7 +781,7 @@ fn records_with_bad_join_tokens_or_signatures_never_become_peers() -> Result<()>
     let now = SystemTime::now();
     let forger = IssuerKey::generate(Algorithm::EdDsa, Some("admin".into()))?;
     let current = (now, HOUR);
-    mesh.plant(&forger, "forged", "198.18.3.0/24", "198.18.3.0/24", current)?;
+    mesh.plant(&forger, "forged", "198.18.2.0/24", "198.18.2.0/24", current)?;
     let expired = (now - HOUR, Duration::from_secs(1));
     mesh.plant(
         &mesh.admin,
@@ -804,6 +863,9 @@ fn records_with_bad_join_tokens_or_signatures_never_become_peers() -> Result<()>
     for reason in ["bad_signature", "expired", "prefix_not_granted"] {
         ensure!(a.rejected(reason)? == 1.0, "{reason} is not counted once");
     }
+    // The forged node claims B's prefix, whose traffic A must not send in
+    // clear though no peer takes it.
+    nothing_leaves_a_in_clear(&a, Some(AGENT_A), SERVICE_B)?;
 
     // The good node's token, stolen from the store, with another
     // WireGuard key: not signed by the good node's key, so not believed.
