@@ -341,8 +341,18 @@ impl Node {
         Ok(output)
     }
 
+    /// The agent's log, without the terminal colours it is written in.
     fn log(&self) -> String {
-        std::fs::read_to_string(self.state.path().join("agent.log")).unwrap_or_default()
+        let raw = std::fs::read_to_string(self.state.path().join("agent.log")).unwrap_or_default();
+        let mut plain = String::with_capacity(raw.len());
+        let mut rest = raw.as_str();
+        while let Some(escape) = rest.find('\x1b') {
+            plain.push_str(&rest[..escape]);
+            rest = &rest[escape..];
+            rest = &rest[rest.find('m').map_or(rest.len(), |m| m + 1)..];
+        }
+        plain.push_str(rest);
+        plain
     }
 
     /// GET `path` from the agent's metrics server, in its namespace.
@@ -356,6 +366,49 @@ impl Node {
         text.lines()
             .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
             .with_context(|| format!("no metric {series}"))
+    }
+
+    /// Packets to the echo service that the node's datapath denied.
+    fn denied(&self) -> Result<f64> {
+        let text = self.http("/metrics")?;
+        Ok(text
+            .lines()
+            .filter(|line| {
+                line.starts_with("mesh_packets_total{")
+                    && line.contains("service=\"echo\"")
+                    && line.contains("verdict=\"deny\"")
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Checks that the agent's log holds no trace of the WireGuard private
+    /// key in use: neither as the key file has it (base64) nor as the UAPI
+    /// takes it (hex).
+    fn key_not_logged(&self) -> Result<()> {
+        let file = std::fs::read_to_string(self.state.path().join(mesh_agent::node::KEY_FILE))?;
+        let base64 = file.trim();
+        let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, base64)?;
+        ensure!(bytes.len() == 32, "the key file holds no key: {base64:?}");
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let log = self.log();
+        ensure!(!log.is_empty(), "no log to check");
+        ensure!(
+            !log.contains(base64) && !log.to_lowercase().contains(&hex),
+            "{}'s log holds its private key",
+            self.name
+        );
+        Ok(())
+    }
+
+    /// The MTU of `interface` in the node's namespace.
+    fn mtu(&self, interface: &str) -> Result<u32> {
+        let link = self.ns.ip(&["link", "show", interface])?;
+        let mut words = link.split_whitespace();
+        words
+            .find(|word| *word == "mtu")
+            .and_then(|_| words.next()?.parse().ok())
+            .with_context(|| format!("no MTU in {link}"))
     }
 
     fn rejected(&self, reason: &str) -> Result<f64> {
@@ -681,10 +734,15 @@ fn reaches_b_through_wireguard_only(a: &Node, b: &Node) -> Result<()> {
     // The first handshake may take a moment.
     let reached = a.reaches(SERVICE_B);
     let ungranted = SocketAddr::from(([198, 18, 2, 1], UNGRANTED));
+    let denied = b.denied()?;
     let refused = !tcp_echo_works(&a.ns, AGENT_A, ungranted, PATIENCE)?;
     let frames = capture.finish();
     reached.with_context(|| format!("B's log:\n{}", b.log()))?;
     ensure!(refused, "B let through a port its policy does not grant");
+    // What refused it was B's datapath, not something on the way.
+    b.wait_for("B's datapath to count the denial", || {
+        Ok(b.denied()? > denied)
+    })?;
     let mut tunnelled = 0;
     for frame in &frames {
         match wireguard_only(frame) {
@@ -706,6 +764,16 @@ fn a_reaches_its_granted_service_on_b_through_wireguard_only() -> Result<()> {
     }
 
     reaches_b_through_wireguard_only(&a, &b)?;
+    for (node, underlay) in [(&a, "under-a"), (&b, "under-b")] {
+        // Room for WireGuard's headers: the underlay's MTU less 80 bytes.
+        let (tunnel, under) = (node.mtu("mesh0")?, node.mtu(underlay)?);
+        ensure!(
+            tunnel + 80 == under,
+            "{}: mesh0's MTU {tunnel} is not {underlay}'s {under} less 80",
+            node.name
+        );
+        node.key_not_logged()?;
+    }
 
     // The store goes (its folder moved away): the last good state stays,
     // but for a peer whose join token expires meanwhile. A node with a
@@ -860,8 +928,22 @@ fn records_with_bad_join_tokens_or_signatures_never_become_peers() -> Result<()>
     a.wait_for("the good record to become the only peer", || {
         Ok(a.metric("mesh_node_peers")? == 1.0)
     })?;
-    for reason in ["bad_signature", "expired", "prefix_not_granted"] {
+    for (entry, reason) in [
+        ("forged", "bad_signature"),
+        ("expired", "expired"),
+        ("greedy", "prefix_not_granted"),
+    ] {
         ensure!(a.rejected(reason)? == 1.0, "{reason} is not counted once");
+        let logged = a.log().lines().any(|line| {
+            line.contains("node record rejected")
+                && line.contains(&format!("entry=\"{entry}\""))
+                && line.contains(&format!("reason=\"{reason}\""))
+        });
+        ensure!(
+            logged,
+            "the rejection of {entry} ({reason}) is not logged:\n{}",
+            a.log()
+        );
     }
     // The forged node claims B's prefix, whose traffic A must not send in
     // clear though no peer takes it.
