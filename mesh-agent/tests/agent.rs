@@ -300,6 +300,67 @@ fn survives_kill_adopts_refuses_a_second_agent_and_tears_down() -> anyhow::Resul
     Ok(())
 }
 
+/// The status line of `path` from the agent's metrics listener, waiting up
+/// to 15 s for the listener to answer.
+fn http_status(node: &Node, path: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match http_get(&node.server, METRICS, path) {
+            Ok(response) => return Ok(response.lines().next().unwrap_or_default().to_owned()),
+            Err(err) if Instant::now() > deadline => return Err(err),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// A restarted agent (an upgrade, a rescheduled pod) whose first policy is
+/// rejected keeps the adopted one enforcing and stays unready, which is
+/// what halts a rolling update at that node; a good policy makes it ready.
+#[test]
+fn a_restart_with_a_rejected_policy_keeps_enforcing_and_stays_unready() -> anyhow::Result<()> {
+    let node = Node::new()?;
+    let first = node.start_agent()?;
+    first.signal(nix::sys::signal::Signal::SIGTERM)?;
+    assert!(first.wait()?.success());
+
+    node.write_policy("version = 1\ntrust_domain = \"acme.internal\"\nbogus = 1\n")?;
+    let child = node
+        .run_command()?
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let second = Agent { child };
+    second.wait_until(&node.state_dir(), |status| {
+        status.pid == Some(second.child.id()) && !status.rejected.is_empty()
+    })?;
+    let status = AgentStatus::read(&node.state_dir())?;
+    assert!(
+        status
+            .rejected
+            .iter()
+            .any(|line| line.contains("policy.toml:3:1: unknown key `bogus`")),
+        "{status:?}"
+    );
+    assert_eq!(status.applied, None, "this agent applied nothing");
+    assert_eq!(
+        http_status(&node, "/readyz")?,
+        "HTTP/1.1 503 Service Unavailable"
+    );
+    assert_eq!(http_status(&node, "/healthz")?, "HTTP/1.1 200 OK");
+    assert_eq!(
+        node.delivered(7000)?,
+        PACKETS,
+        "the adopted policy keeps granting"
+    );
+    assert_eq!(node.delivered(7001)?, 0, "and keeps denying");
+
+    node.write_policy(&policy(&[7001]))?;
+    assert!(node.becomes(7001, true)?, "a good policy is applied");
+    assert!(node.becomes(7000, false)?);
+    assert_eq!(http_status(&node, "/readyz")?, "HTTP/1.1 200 OK");
+    Ok(())
+}
+
 #[test]
 fn expiry_and_rate_limits_hold_in_the_live_kernel() -> anyhow::Result<()> {
     let node = Node::new()?;
