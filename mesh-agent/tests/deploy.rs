@@ -769,6 +769,47 @@ fn agent(args: &[&str]) -> String {
     )
 }
 
+/// What a node of the mesh reads, made as docs/operations.md makes it, in
+/// `dir`: the admin's bundle, a join token for [`NODE_NAME`] in
+/// 198.18.1.0/24 bound to the node's key, and the state folder holding that
+/// key.
+struct JoinFiles {
+    bundle: PathBuf,
+    token: PathBuf,
+    state: PathBuf,
+}
+
+impl JoinFiles {
+    fn make(dir: &Path) -> Self {
+        let admin = dir.join("admin");
+        let state = dir.join("state");
+        agent(&["token", "keygen", "--out", admin.to_str().unwrap()]);
+        let node_key = agent(&["node", "key", "--state-dir", state.to_str().unwrap()]);
+        let token = agent(&[
+            "node",
+            "token",
+            "issue",
+            "--key",
+            admin.join("issuer.jwk").to_str().unwrap(),
+            "--node",
+            NODE_NAME,
+            "--prefix",
+            "198.18.1.0/24",
+            "--node-key",
+            node_key.trim(),
+            "--ttl",
+            "1d",
+        ]);
+        let join_token = dir.join("join-token");
+        fs::write(&join_token, token).unwrap();
+        Self {
+            bundle: admin.join("bundle.json"),
+            token: join_token,
+            state,
+        }
+    }
+}
+
 /// The patches that docs/operations.md gives for the DaemonSet (a second
 /// interface, process binding, the node mesh) render to valid resources
 /// with the base, and the agent's command line they make passes
@@ -779,28 +820,11 @@ fn the_documented_patches_pass_run_check() {
     let patches = documented_patches();
     assert!(patches.len() >= 3, "{patches:?}");
     let keys = tempfile::tempdir().unwrap();
-    let admin = keys.path().join("admin");
-    let state = keys.path().join("state");
-    agent(&["token", "keygen", "--out", admin.to_str().unwrap()]);
-    let node_key = agent(&["node", "key", "--state-dir", state.to_str().unwrap()]);
-    let token = agent(&[
-        "node",
-        "token",
-        "issue",
-        "--key",
-        admin.join("issuer.jwk").to_str().unwrap(),
-        "--node",
-        NODE_NAME,
-        "--prefix",
-        "198.18.1.0/24",
-        "--node-key",
-        node_key.trim(),
-        "--ttl",
-        "1d",
-    ]);
-    let join_token = keys.path().join("join-token");
-    fs::write(&join_token, token).unwrap();
-    let bundle = admin.join("bundle.json");
+    let JoinFiles {
+        bundle,
+        token: join_token,
+        state,
+    } = JoinFiles::make(keys.path());
 
     for patch in patches {
         let dir = tempfile::tempdir().unwrap();
@@ -1006,6 +1030,24 @@ fn installs(unit_source: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The flags mesh-agent.env lists, commented out, under the item that
+/// starts with `heading`: the `#   --flag …` lines that follow it.
+fn commented_flags(env_source: &str, heading: &str) -> Vec<String> {
+    let flags: Vec<String> = env_source
+        .lines()
+        .skip_while(|line| !line.starts_with(&format!("# - {heading}")))
+        .skip(1)
+        .map_while(|line| line.strip_prefix("#   ").filter(|l| l.starts_with("--")))
+        .flat_map(str::split_whitespace)
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !flags.is_empty(),
+        "mesh-agent.env lists no flags for {heading}"
+    );
+    flags
+}
+
 fn unit_source() -> String {
     fs::read_to_string(deploy().join("systemd/mesh-agent.service")).unwrap()
 }
@@ -1060,17 +1102,8 @@ fn the_units_arguments_pass_run_check() {
     // The flags of process binding that mesh-agent.env lists, commented
     // out, pass too once added (with a trust bundle where they name one).
     let env_source = fs::read_to_string(root().join("deploy/systemd/mesh-agent.env")).unwrap();
-    let binding: Vec<String> = env_source
-        .lines()
-        .filter_map(|line| line.strip_prefix('#')?.trim().strip_prefix("--agent-pool"))
-        .flat_map(|rest| {
-            format!("--agent-pool{rest}")
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    assert!(!binding.is_empty(), "mesh-agent.env lists no --agent-pool");
+    let binding = commented_flags(&env_source, "process binding");
+    assert!(binding.iter().any(|flag| flag.starts_with("--agent-pool")));
     let keys = tempfile::tempdir().unwrap();
     let bundle = keys.path().join("bundle.json");
     let issuer = IssuerKey::generate(Algorithm::EdDsa, None).unwrap();
@@ -1079,6 +1112,35 @@ fn the_units_arguments_pass_run_check() {
     assert!(flag(&args, "--trust-bundle").starts_with("/etc/mesh/"));
     replace_flag(&mut args, "--trust-bundle", bundle.to_str().unwrap());
     assert_checked(&args, "deploy/systemd with process binding");
+
+    // So do those of the node mesh, with the files they name made as the
+    // docs make them, installed where the flags say, and the node's key in
+    // its state folder. The check reads the join token against the bundle:
+    // one the bundle's key did not sign is refused.
+    let mut mesh = args.clone();
+    mesh.extend(commented_flags(&env_source, "the node mesh"));
+    let join = JoinFiles::make(keys.path());
+    for (name, local) in [
+        ("--join-token", &join.token),
+        ("--mesh-bundle", &join.bundle),
+    ] {
+        assert!(flag(&mesh, name).starts_with("/etc/mesh/"), "{name}");
+        replace_flag(&mut mesh, name, local.to_str().unwrap());
+    }
+    replace_flag(&mut mesh, "--state-dir", join.state.to_str().unwrap());
+    assert_checked(&mesh, "deploy/systemd with the node mesh");
+    let output = text(&run_check(&mesh).stdout);
+    assert!(
+        output.contains(&format!("mesh: join as node {NODE_NAME} ")),
+        "{output}"
+    );
+    replace_flag(&mut mesh, "--mesh-bundle", bundle.to_str().unwrap());
+    let refused = run_check(&mesh);
+    let stderr = text(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("join token is not valid (unknown_key_id)"),
+        "a join token checked against another bundle: {stderr}"
+    );
 
     // A trust bundle that cannot be read is found by the check, and one
     // without a pool is refused: it would bind nothing.
