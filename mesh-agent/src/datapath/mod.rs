@@ -64,7 +64,9 @@ pub enum DatapathError {
          run `cargo xtask setup` and build again"
     )]
     NoPrograms,
-    #[error("loading the eBPF object failed (root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON needed)")]
+    #[error(
+        "loading the eBPF object failed (root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON needed)"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no program `{0}`")]
     MissingProgram(&'static str),
