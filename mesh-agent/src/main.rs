@@ -1,5 +1,5 @@
 use std::{
-    io::{Read as _, Write as _},
+    io::{IsTerminal as _, Read as _, Write as _},
     path::PathBuf,
     process::ExitCode,
     time::{Duration, SystemTime},
@@ -786,6 +786,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                // Colours for a terminal only: a journal, `kubectl logs`
+                // or a file gets plain text.
+                .with_ansi(std::io::stderr().is_terminal())
                 .init();
             let bindings = args.binding.options(&args.places.state_dir)?;
             let mesh = args.mesh.options(&args.places, bindings.socket.clone())?;

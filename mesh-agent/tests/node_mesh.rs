@@ -342,18 +342,10 @@ impl Node {
         Ok(output)
     }
 
-    /// The agent's log, without the terminal colours it is written in.
+    /// The agent's log: plain text, as the agent writes to anything but a
+    /// terminal.
     fn log(&self) -> String {
-        let raw = std::fs::read_to_string(self.state.path().join("agent.log")).unwrap_or_default();
-        let mut plain = String::with_capacity(raw.len());
-        let mut rest = raw.as_str();
-        while let Some(escape) = rest.find('\x1b') {
-            plain.push_str(&rest[..escape]);
-            rest = &rest[escape..];
-            rest = &rest[rest.find('m').map_or(rest.len(), |m| m + 1)..];
-        }
-        plain.push_str(rest);
-        plain
+        std::fs::read_to_string(self.state.path().join("agent.log")).unwrap_or_default()
     }
 
     /// GET `path` from the agent's metrics server, in its namespace.
