@@ -11,35 +11,26 @@ use std::{
 
 use mesh_agent::agent::AgentStatus;
 use mesh_tests::{
-    BpfFs, CLIENT, ClientServer, METRICS, NetNs, SERVER, http_get, require_root, sample,
-    udp_delivered,
+    BpfFs, CLIENT, ClientServer, METRICS, NetNs, SERVER, client_server_policy as policy, http_get,
+    require_root, sample, udp_delivered,
 };
 
 const PACKETS: usize = 10;
 const PATIENCE: Duration = Duration::from_millis(500);
 
-fn policy(ports: &[u16]) -> String {
-    let ports: Vec<String> = ports.iter().map(|port| format!("\"{port}/udp\"")).collect();
-    format!(
-        r#"version = 1
-trust_domain = "acme.internal"
+/// A policy with an error on line 3, and the agent's words for it.
+const BAD_POLICY: &str = "version = 1\ntrust_domain = \"acme.internal\"\nbogus = 1\n";
+const BAD_POLICY_ERROR: &str = "policy.toml:3:1: unknown key `bogus`";
 
-[[identity]]
-id = "spiffe://acme.internal/agent/client"
-addresses = ["{CLIENT}/32"]
-
-[[service]]
-name = "server"
-addresses = ["{SERVER}/32"]
-ports = ["7000-7009/udp"]
-
-[[grant]]
-from = ["spiffe://acme.internal/agent/client"]
-to = ["server"]
-ports = [{}]
-"#,
-        ports.join(", ")
-    )
+/// Asserts that the agent's status holds [`BAD_POLICY`]'s error.
+fn assert_rejected_bad_policy(status: &AgentStatus) {
+    assert!(
+        status
+            .rejected
+            .iter()
+            .any(|line| line.contains(BAD_POLICY_ERROR)),
+        "{status:?}"
+    );
 }
 
 /// Two namespaces, a private bpffs and state folder, and a policy file.
@@ -106,18 +97,24 @@ impl Node {
         self.start_agent_with(&[])
     }
 
+    /// `mesh-agent run`, once it has applied its policy.
     fn start_agent_with(&self, extra: &[&str]) -> anyhow::Result<Agent> {
+        let agent = self.spawn_agent(extra)?;
+        agent.wait_until(&self.state_dir(), |status| {
+            status.pid == Some(agent.child.id()) && status.applied.is_some()
+        })?;
+        Ok(agent)
+    }
+
+    /// `mesh-agent run`, just started.
+    fn spawn_agent(&self, extra: &[&str]) -> anyhow::Result<Agent> {
         let child = self
             .run_command()?
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let agent = Agent { child };
-        agent.wait_until(&self.state_dir(), |status| {
-            status.pid == Some(agent.child.id()) && status.applied.is_some()
-        })?;
-        Ok(agent)
+        Ok(Agent { child })
     }
 
     fn delivered(&self, port: u16) -> anyhow::Result<usize> {
@@ -198,16 +195,9 @@ fn enforces_applies_changes_live_and_keeps_out_invalid_policies() -> anyhow::Res
         "a granted port added live takes effect within a second"
     );
 
-    node.write_policy("version = 1\ntrust_domain = \"acme.internal\"\nbogus = 1\n")?;
+    node.write_policy(BAD_POLICY)?;
     agent.wait_until(&node.state_dir(), |status| !status.rejected.is_empty())?;
-    let status = AgentStatus::read(&node.state_dir())?;
-    assert!(
-        status
-            .rejected
-            .iter()
-            .any(|line| line.contains("policy.toml:3:1: unknown key `bogus`")),
-        "{status:?}"
-    );
+    assert_rejected_bad_policy(&AgentStatus::read(&node.state_dir())?);
     assert_eq!(
         node.delivered(7001)?,
         PACKETS,
@@ -323,24 +313,13 @@ fn a_restart_with_a_rejected_policy_keeps_enforcing_and_stays_unready() -> anyho
     first.signal(nix::sys::signal::Signal::SIGTERM)?;
     assert!(first.wait()?.success());
 
-    node.write_policy("version = 1\ntrust_domain = \"acme.internal\"\nbogus = 1\n")?;
-    let child = node
-        .run_command()?
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let second = Agent { child };
+    node.write_policy(BAD_POLICY)?;
+    let second = node.spawn_agent(&[])?;
     second.wait_until(&node.state_dir(), |status| {
         status.pid == Some(second.child.id()) && !status.rejected.is_empty()
     })?;
     let status = AgentStatus::read(&node.state_dir())?;
-    assert!(
-        status
-            .rejected
-            .iter()
-            .any(|line| line.contains("policy.toml:3:1: unknown key `bogus`")),
-        "{status:?}"
-    );
+    assert_rejected_bad_policy(&status);
     assert_eq!(status.applied, None, "this agent applied nothing");
     assert_eq!(
         http_status(&node, "/readyz")?,

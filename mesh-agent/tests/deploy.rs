@@ -38,7 +38,7 @@ use std::{
 };
 
 use mesh_agent::identity::{Algorithm, IssuerKey};
-use mesh_tests::{BpfFs, CLIENT, ClientServer, METRICS, SERVER, http_get, require_root};
+use mesh_tests::{BpfFs, ClientServer, METRICS, client_server_policy, http_get, require_root};
 use serde_json::Value;
 
 /// The Kubernetes versions whose API schemas the manifests must satisfy:
@@ -1394,19 +1394,6 @@ fn capability_bit(name: &str) -> u64 {
         _ => panic!("no number for capability {name} in the test"),
     };
     1 << number
-}
-
-/// The policy of the capability test: the client may reach the server on
-/// UDP `ports`, of the service's 7000-7009.
-fn client_server_policy(ports: &[u16]) -> String {
-    let ports: Vec<String> = ports.iter().map(|port| format!("\"{port}/udp\"")).collect();
-    format!(
-        "version = 1\ntrust_domain = \"acme.internal\"\n\n\
-         [[identity]]\nid = \"spiffe://acme.internal/agent/client\"\naddresses = [\"{CLIENT}/32\"]\n\n\
-         [[service]]\nname = \"server\"\naddresses = [\"{SERVER}/32\"]\nports = [\"7000-7009/udp\"]\n\n\
-         [[grant]]\nfrom = [\"spiffe://acme.internal/agent/client\"]\nto = [\"server\"]\nports = [{}]\n",
-        ports.join(", ")
-    )
 }
 
 /// `mesh-agent run` on the server's veth, as root with only `caps` (the

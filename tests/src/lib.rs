@@ -256,6 +256,32 @@ impl ClientServer {
     }
 }
 
+/// A policy file for [`ClientServer`]: the client may reach the server's
+/// UDP `ports`, of the service's 7000-7009.
+pub fn client_server_policy(ports: &[u16]) -> String {
+    let ports: Vec<String> = ports.iter().map(|port| format!("\"{port}/udp\"")).collect();
+    format!(
+        r#"version = 1
+trust_domain = "acme.internal"
+
+[[identity]]
+id = "spiffe://acme.internal/agent/client"
+addresses = ["{CLIENT}/32"]
+
+[[service]]
+name = "server"
+addresses = ["{SERVER}/32"]
+ports = ["7000-7009/udp"]
+
+[[grant]]
+from = ["spiffe://acme.internal/agent/client"]
+to = ["server"]
+ports = [{}]
+"#,
+        ports.join(", ")
+    )
+}
+
 /// Sends `count` UDP datagrams from `from` (in namespace `from_ns`) to
 /// `to:port` (in `to_ns`) and returns how many arrived. Waits at most
 /// `patience` after the last send for stragglers.
